@@ -1,0 +1,175 @@
+"""Training run configuration: YAML files validated against dataclasses.
+
+    peftlab train experiments/configs/lora_qa.yaml lr=2e-3 peft.r=16
+
+A YAML file maps onto `TrainConfig` (nested `data:` onto `DataConfig`, `peft:` onto the method's
+own config class: `LoraConfig`, `PromptTuningConfig`, ...). Unknown keys anywhere are errors that
+list the valid keys; `key=value` overrides on the command line are parsed as YAML scalars and go
+through the same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..configs import check_keys, from_dict
+from ..errors import ConfigError
+
+METHODS = ("full", "lora", "dora", "qlora", "freeze", "bitfit", "prompt_tuning", "p_tuning", "prefix_tuning")
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they become token sequences.
+
+    Either `task` (a synthetic-world task generated in memory: cloze, qa, dialogue, classify,
+    data2text, arith, or `pretrain` for the plain-text corpus) or `train_file` (Alpaca, ShareGPT,
+    OpenAI messages or {"text"} records, JSON or JSONL).
+    """
+
+    task: Optional[str] = None
+    world_seed: int = 0
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    format: str = "auto"
+    template: str = "default"
+    max_length: int = 256
+    packing: bool = False
+    skip_invalid: bool = False
+    eval_split: str = "validation"
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = 200
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `model` is a checkpoint directory or a shipped base name ("tiny", "small",
+    "small-bias"); `model_config` instead builds a fresh model (pretraining from scratch)."""
+
+    model: Optional[str] = None
+    model_config: Optional[Dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    method: str = "full"
+    peft: Dict[str, Any] = field(default_factory=dict)
+    quantize: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/run"
+    export_dir: Optional[str] = None
+    save_dtype: Optional[str] = None
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lora_plus_ratio: Optional[float] = None
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    dtype: str = "float32"
+    autocast: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    eval_every: int = 0
+    eval_generate: bool = True
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 32
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = True
+    progress: bool = True
+    distributed: str = "none"
+    sharding: str = "full"
+
+    def validate(self, source: str = "config") -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"{source}: field 'method': '{self.method}' is not one of {', '.join(METHODS)}")
+        if (self.model is None) == (self.model_config is None):
+            raise ConfigError(f"{source}: give exactly one of 'model' (a checkpoint) or 'model_config' "
+                              "(a fresh model)")
+        if self.data.task is None and self.data.train_file is None:
+            raise ConfigError(f"{source}: field 'data': give 'task' or 'train_file'")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{source}: field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{source}: field 'lr' must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "constant", "linear"):
+            raise ConfigError(f"{source}: field 'schedule': '{self.schedule}' is not one of cosine, constant, linear")
+        if self.optimizer not in ("adamw", "paged_adamw", "paged_adamw8bit", "sgd"):
+            raise ConfigError(f"{source}: field 'optimizer': '{self.optimizer}' is not one of "
+                              "adamw, paged_adamw, paged_adamw8bit, sgd")
+        if self.quantize not in (None, "nf4", "fp4"):
+            raise ConfigError(f"{source}: field 'quantize': '{self.quantize}' is not one of nf4, fp4")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{source}: field 'dtype': '{self.dtype}' is not one of float32, bfloat16, float16")
+        if self.autocast not in ("auto", "none", "bfloat16", "float16"):
+            raise ConfigError(f"{source}: field 'autocast': '{self.autocast}' is not one of auto, none, bfloat16, float16")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"{source}: field 'distributed': '{self.distributed}' is not one of none, ddp, fsdp")
+        if self.sharding not in ("grad_op", "full"):
+            raise ConfigError(f"{source}: field 'sharding': '{self.sharding}' is not one of grad_op, full")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def _parse_override(item: str, source: str):
+    if "=" not in item:
+        raise ConfigError(f"{source}: override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(d: Dict[str, Any], overrides: List[str], source: str = "command line") -> Dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested dict (validated later by `from_dict`)."""
+    for item in overrides:
+        path, value = _parse_override(item, source)
+        node = d
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{item}': '{p}' is not a section")
+        node[path[-1]] = value
+    return d
+
+
+def load_train_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                      base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Read YAML (or start from `base`), apply overrides, and validate strictly."""
+    source = str(path) if path else "config"
+    d: Dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        d.update(loaded)
+    d = apply_overrides(d, overrides or [], source)
+    check_keys(TrainConfig, d, source)
+    cfg = from_dict(TrainConfig, d, source)
+    cfg.validate(source)
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
