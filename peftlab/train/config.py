@@ -62,6 +62,7 @@ class TrainConfig:
     save_dtype: Optional[str] = None
     seed: int = 0
     max_steps: int = 100
+    max_minutes: Optional[float] = None
     batch_size: int = 8
     grad_accum: int = 1
     optimizer: str = "adamw"

@@ -113,7 +113,7 @@ def pretrain(config_path: str, overrides: Optional[List[str]] = None, results_di
     name = Path(out).name
     summary = {
         "checkpoint": str(out), "config": str(config_path), "overrides": overrides or [],
-        "parameters": sum(p.numel() for p in model.parameters()), "steps": cfg.max_steps,
+        "parameters": sum(p.numel() for p in model.parameters()), "steps": len(res.losses),
         "final_train_loss": res.losses[-1], "validation_loss": val["loss"], "validation_ppl": val["ppl"],
         "cloze_heldout_templates": held, "cloze_pretraining_templates": seen,
         "seconds": round(time.time() - t0, 1), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -142,7 +142,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         groups = lora_plus_param_groups(model, lr=cfg.lr, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, foreach=False, **kw)
+        # CPU: the single-tensor loop (the reference trajectory); GPU: the fused kernel
+        on_cuda = params[0].is_cuda
+        return torch.optim.AdamW(groups, foreach=False, fused=True if on_cuda else None, **kw)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     from ..optim import PagedAdamW
@@ -254,6 +256,7 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
         (run_dir / "metrics.jsonl").unlink()
 
     params = [p for p in model.parameters() if p.requires_grad]
+    targets = torch.tensor([sum(1 for t in e["labels"][1:] if t != -100) for e in encoded])
     losses: List[float] = []
     tokens_seen = 0
     t0 = time.time()
@@ -266,7 +269,7 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
     for step in range(start, cfg.max_steps):
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, cfg)
-        n_target = sum(_count_targets(encoded, idx) for idx in sampler.global_micro_batches(step))
+        n_target = sum(int(targets[idx].sum()) for idx in sampler.global_micro_batches(step))
         step_loss = 0.0
         micro = sampler.micro_batches(step)
         for k, idx in enumerate(micro):
@@ -303,6 +306,12 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps and eval_examples:
             ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
             metrics.write({"step": done, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
+        out_of_time = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+        if out_of_time:
+            if is_main:
+                log(f"[peftlab] max_minutes={cfg.max_minutes} reached after step {done}; stopping early")
+            metrics.write({"step": done, "stopped_early": True, "reason": "max_minutes"})
+            break
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
             extra = {"tokens_seen": tokens_seen, "method": cfg.method}
             if dist:
@@ -317,7 +326,7 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
         ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
         metrics.write({"step": cfg.max_steps, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
     if is_main:
-        write_json(run_dir / "summary.json", {"steps": cfg.max_steps, "final_loss": losses[-1] if losses else None,
+        write_json(run_dir / "summary.json", {"steps": len(losses) + start, "final_loss": losses[-1] if losses else None,
                                               "train_seconds": round(seconds, 2), "resumed_from": str(resumed) if resumed else None,
                                               "eval": {k: v for k, v in ev.items()}})
     final = dist.unwrap(model) if dist else model
@@ -332,10 +341,6 @@ def run_eval(model, tok, examples, encoded, cfg, device, autocast_dtype, dist=No
         out.update(evaluate_accuracy(target, tok, examples, cfg.data.template, cfg.eval_max_new_tokens,
                                      cfg.eval_batch_size, device, autocast_dtype))
     return out
-
-
-def _count_targets(encoded, idx) -> int:
-    return sum(sum(1 for t in encoded[i]["labels"][1:] if t != -100) for i in idx)
 
 
 def _clip(model, params, max_norm, dist) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict
 
+import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
@@ -76,8 +77,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def trainable_parameters_report(model: nn.Module) -> str:
     """'trainable params: N || all params: M || trainable%: p' (shared tensors counted once).
 
-    Packed 4-bit weights count as the number of weights they hold (`Linear4bit.quantized_numel`),
-    not as the number of bytes that store them.
+    Packed 4-bit weights (a Linear4bit keeps them as a uint8 buffer) count as the number of weights
+    they hold, in_features * out_features (or the layer's `quantized_numel`), not as bytes.
     """
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
@@ -86,6 +87,8 @@ def trainable_parameters_report(model: nn.Module) -> str:
             total += p.numel() if p.is_floating_point() else 0
             trainable += p.numel() if p.requires_grad else 0
     for m in model.modules():  # 4-bit layers: weights held packed in non-float storage
-        total += getattr(m, "quantized_numel", 0)
+        w = getattr(m, "weight", None)
+        if callable(getattr(m, "dequantize", None)) and isinstance(w, torch.Tensor) and not w.is_floating_point():
+            total += getattr(m, "quantized_numel", m.in_features * m.out_features)
     pct = 100.0 * trainable / max(total, 1)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"

@@ -30,7 +30,10 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike | str, adapter_name: Opt
     if not configs:
         raise AdapterError("save_adapter: the model has no adapter (call get_peft_model first)")
     if adapter_name is None:
-        adapter_name = getattr(model, "active_adapter", None) or next(iter(configs))
+        active = getattr(model, "active_adapter", None)
+        if isinstance(active, (list, tuple)):
+            raise AdapterError(f"save_adapter: adapters {list(active)} are active together; pass adapter_name")
+        adapter_name = active or next(iter(configs))
     if adapter_name not in configs:
         raise AdapterError(f"save_adapter: no adapter named '{adapter_name}' (have {', '.join(configs)})")
     config = configs[adapter_name]

@@ -1,0 +1,420 @@
+"""LoRA layers: a frozen base layer plus named low-rank adapters beside it.
+
+                 ┌──────────── base_layer (frozen W0, nn.Linear or 4-bit Linear4bit) ─────────┐
+    x [.., in] ──┤                                                                            + ──> h [.., out]
+                 └─ dropout ─> lora_A[a] (r × in) ─> lora_B[a] (out × r) ─> × s ─────────────┘
+
+    h = W0 x + s · B A dropout(x),   s = alpha / r   (Hu et al. 2021, arXiv 2106.09685, §4.1, eq. 3)
+                                     s = alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)
+
+Initialisation (as HF PEFT): A Kaiming-uniform with a = sqrt(5) (the nn.Linear default: U(±1/sqrt(in)))
+or Gaussian N(0, 1/r²); B = 0, so the adapted model starts exactly at the base model.
+
+DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) splits the adapted weight into a magnitude vector m
+(one entry per output row, HF key `lora_magnitude_vector`, initialised to ||W0||) and a direction:
+
+    W' = m ⊙ (W0 + s B A) / ||W0 + s B A||          ||·|| the L2 norm of each output row [out]
+    h  = W' x + b,  computed as  W0 x + b + (m/n - 1) ⊙ W0 x' + (m/n) ⊙ s B A x'
+                    (n the norm, x' = dropout(x); the two agree without dropout)
+
+The paper's column norm ||·||_c (its weights are d × k, in × out) is, for PyTorch's [out, in]
+layout, the norm over the input dimension: one value per output feature, as HF PEFT computes it.
+The norm n is treated as a constant in backpropagation (§4.3): it is recomputed every step but
+detached, so dL/dm = Σ (dL/dh) ⊙ (W0 x' + s B A x') / n, and A, B get gradients only through the
+(m/n) s B A x' term. Written this way (HF PEFT's form) the base output is reused, and with dropout
+the base term is recomputed on x'. Outputs and gradients equal HF PEFT's.
+
+PiSSA (Meng et al. 2024, arXiv 2404.02948, §3): W0 = U S Vᵀ; with the top-r triplets
+A = sqrt(S_r / s) V_rᵀ, B = U_r sqrt(S_r / s) (so s B A = U_r S_r V_rᵀ), and the frozen base becomes
+the residual W0 - s B A. The output is unchanged at initialisation. "pissa_niter_N" uses
+torch.svd_lowrank with N subspace iterations (Halko et al. 2011) instead of the full SVD.
+
+Embedding LoRA (PEFT's convention): A [r, vocab] = 0, B [dim, r] ~ N(0, 1);
+h = E[x] + s · (Aᵀ[x]) Bᵀ.
+
+Merging adds each merged adapter's term to W0: s B A for LoRA, (m/n - 1) ⊙ W0 + (m/n) ⊙ s B A for
+DoRA (n from W0, exactly as the forward computes it), so merged and unmerged outputs agree for any
+set of active adapters. The pre-merge weight is kept aside and put back by `unmerge`, which is
+therefore exact in every dtype (subtracting the delta again would not be). Merging into a 4-bit
+base writes a dequantized dense layer (`DequantizedLinear`, in the compute dtype):
+W = dequant(Q(W0)) + Σ terms. Nothing is re-quantized, so no new quantization error appears, but
+the layer is 16/32-bit sized, and the sum is rounded once to the compute dtype. Measured on a
+512 × 512 NF4 layer with r = 8: merged vs unmerged relative output error 4e-7 with float32
+compute and 3.7e-3 with bfloat16 (its 2⁻⁸ precision), against 9e-2 for QLoRA vs the
+full-precision layer (the NF4 error itself, random weights). While merged, the pre-merge weight
+stays where it was (a later `.to(device)` does not move it).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import AdapterError, ConfigError
+from .lora_config import LoraConfig
+
+
+# --- base layers ------------------------------------------------------------------------------
+def is_quantized(base: nn.Module) -> bool:
+    """A base layer whose weight is stored packed (Linear4bit): merging or PiSSA must dequantize."""
+    w = getattr(base, "weight", None)
+    return callable(getattr(base, "dequantize", None)) and (w is None or not w.is_floating_point())
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense [out, in] (or [vocab, dim]) tensor."""
+    if is_quantized(base):
+        return base.dequantize().reshape(base.out_features, base.in_features)
+    return base.weight
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters live in float32 (float64 for a float64 base), as PEFT's default autocast does."""
+    w = getattr(base, "weight", None)
+    return torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _device(base: nn.Module) -> torch.device:
+    w = getattr(base, "weight", None)  # a Linear4bit keeps its packed weight as a buffer
+    return w.device if isinstance(w, torch.Tensor) else next(iter(base.parameters())).device
+
+
+class DequantizedLinear(nn.Linear):
+    """What a 4-bit base becomes when merged: a dense nn.Linear that, like Linear4bit, computes in
+    its weight's dtype (the compute dtype) and returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+# --- shared adapter bookkeeping -----------------------------------------------------------------
+class LoraLayer(nn.Module):
+    """What LoraLinear and LoraEmbedding share: adapter names, activity, merge and unmerge."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: Dict[str, int] = {}
+        self.lora_alpha: Dict[str, float] = {}
+        self.scaling: Dict[str, float] = {}
+        self.active_adapters: List[str] = []
+        self.merged_adapters: List[str] = []
+        self.disabled = False
+        # from before merging: the weight tensor, or (module,) for a 4-bit base (the tuple keeps the
+        # stashed module out of the state dict and out of model.modules())
+        self._pre_merge = None
+        self._pissa_init: Dict[str, tuple] = {}  # adapter -> (A0, B0) for PiSSA→LoRA conversion
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.r)
+
+    def _check_unmerged(self, what: str) -> None:
+        if self.merged_adapters:
+            raise AdapterError(f"cannot {what} while adapters {self.merged_adapters} are merged; unmerge first")
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_unmerged(f"delete adapter '{name}'")
+        for attr in ("r", "lora_alpha", "scaling", "_pissa_init"):
+            getattr(self, attr).pop(name, None)
+        for attr in self._adapter_dicts:
+            d = getattr(self, attr)
+            if name in d:
+                del d[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: List[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def _pending(self) -> List[str]:
+        pending = [a for a in self.active_adapters if a not in self.merged_adapters]
+        if pending and self.merged_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are merged while {pending} are active and "
+                               "unmerged; unmerge first (or merge them too)")
+        return pending
+
+    # --- merging ------------------------------------------------------------------------------
+    def merge(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False, where: str = "") -> None:
+        """Fold adapters into the base weight (all active ones by default); see the module docstring."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        missing = [a for a in names if a not in self.r]
+        if missing and adapter_names is not None:
+            raise AdapterError(f"{where}: no adapter(s) {missing} here (have {self.adapter_names})")
+        names = [a for a in names if a in self.r and a not in self.merged_adapters]
+        if not names:
+            return
+        w0 = self._original_weight()
+        work = w0.to(_work_dtype(w0))
+        merged = work.clone()
+        for a in self.merged_adapters + names:
+            merged += self.merge_term(a, work)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise AdapterError(f"{where}: merging adapter(s) {names} gives non-finite weights; not merged")
+        self._install_merged(merged)
+        self.merged_adapters += names
+
+    def unmerge(self) -> None:
+        """Put the pre-merge weight back (bit for bit)."""
+        if not self.merged_adapters:
+            return
+        saved, self._pre_merge = self._pre_merge, None
+        if isinstance(saved, tuple):
+            self.base_layer = saved[0]
+        else:
+            self.base_layer.weight.data = saved
+        self.merged_adapters = []
+
+    def _original_weight(self) -> torch.Tensor:
+        if self._pre_merge is None:
+            return dense_weight(self.base_layer).detach()
+        if isinstance(self._pre_merge, tuple):
+            return dense_weight(self._pre_merge[0]).detach()
+        return self._pre_merge
+
+    def _install_merged(self, merged: torch.Tensor) -> None:
+        base = self._pre_merge[0] if isinstance(self._pre_merge, tuple) else self.base_layer
+        if is_quantized(base):
+            dtype = getattr(base, "compute_dtype", None) or dense_weight(base).dtype
+            dense = DequantizedLinear(base.in_features, base.out_features, bias=False, device=merged.device,
+                                      dtype=dtype)
+            dense.weight.requires_grad_(False)
+            dense.weight.data = merged.to(dtype)
+            dense.bias = base.bias  # the same Parameter (trainable with bias="all")
+            if self._pre_merge is None:
+                self._pre_merge = (base,)
+            self.base_layer = dense
+        else:
+            if self._pre_merge is None:
+                self._pre_merge = base.weight.data
+            base.weight.data = merged.to(self._pre_merge.dtype)
+
+    def merged_base_layer(self) -> nn.Module:
+        """The base layer to keep when the LoRA layer is unloaded (merged weights if merged)."""
+        self._pre_merge = None
+        return self.base_layer
+
+    def original_base_layer(self) -> nn.Module:
+        self.unmerge()
+        return self.base_layer
+
+
+# --- linear -----------------------------------------------------------------------------------
+class LoraLinear(LoraLayer):
+    """LoRA (and DoRA) around any layer exposing in_features, out_features and forward(x).
+
+    Holds `base_layer`, `lora_A[a]` (nn.Linear in→r), `lora_B[a]` (nn.Linear r→out),
+    `lora_dropout[a]` and, for DoRA, `lora_magnitude_vector[a]` [out], so that state-dict keys read
+    `...q_proj.lora_A.<adapter>.weight` as HF PEFT's do.
+    """
+
+    _adapter_dicts = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    def update_layer(self, name: str, config: LoraConfig, where: str = "") -> None:
+        """Add adapter `name` with the hyperparameters and initialisation of `config`."""
+        self._check_unmerged(f"add adapter '{name}'")
+        r, base = config.r, self.base_layer
+        dtype, device = adapter_dtype(base), _device(base)
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, config.lora_alpha, config.scaling
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        init = config.init_lora_weights
+        if device.type != "meta":
+            if config.is_pissa:
+                self._pissa_init_(name, config, where)
+            elif init is True:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[name].weight)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
+                nn.init.zeros_(self.lora_B[name].weight)
+            # init False: keep nn.Linear's random init for both (a non-trivial adapter, for tests)
+        if config.use_dora:
+            with torch.no_grad():
+                mag = self._row_norm(name, dense_weight(base).detach()) if device.type != "meta" else \
+                    torch.empty(self.out_features, device=device, dtype=dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(mag.to(dtype))
+
+    def _pissa_init_(self, name: str, config: LoraConfig, where: str) -> None:
+        base, r, s = self.base_layer, config.r, config.scaling
+        if is_quantized(base):
+            raise ConfigError(f"{where}: PiSSA needs a full-precision base layer (initialise PiSSA on the "
+                              "float model, then quantize the residual: QPiSSA)")
+        w = base.weight.detach()
+        if r > min(w.shape):
+            raise ConfigError(f"{where}: PiSSA rank r={r} exceeds min(out, in) = {min(w.shape)}")
+        work = w.to(_work_dtype(w))
+        niter = config.pissa_niter
+        if niter is None:
+            U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            U, S, V = torch.svd_lowrank(work, q=r, niter=niter)
+            Vh = V.T
+        root = torch.sqrt(S / s)
+        A = root[:, None] * Vh             # [r, in]
+        B = U * root[None, :]              # [out, r]
+        dtype = self.lora_A[name].weight.dtype
+        self.lora_A[name].weight.data = A.to(dtype).contiguous()
+        self.lora_B[name].weight.data = B.to(dtype).contiguous()
+        base.weight.data = (work - s * (B @ A)).to(w.dtype)
+        self._pissa_init[name] = (self.lora_A[name].weight.detach().clone(), self.lora_B[name].weight.detach().clone())
+
+    # --- math ---------------------------------------------------------------------------------
+    def lora_weight(self, name: str) -> torch.Tensor:
+        """B A [out, in] (unscaled)."""
+        return self.lora_B[name].weight @ self.lora_A[name].weight
+
+    def _row_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        """||W0 + s B A|| per output row, [out] (the DoRA denominator, no gradient)."""
+        lw = self.lora_weight(name).detach()
+        w = w0.to(lw.dtype)
+        return torch.linalg.norm(w + self.scaling[name] * lw, dim=1)
+
+    def merge_term(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        delta = self.scaling[name] * self.lora_weight(name).detach().to(w0.dtype)
+        if name not in self.lora_magnitude_vector:
+            return delta
+        n = torch.linalg.norm(w0 + delta, dim=1)
+        ratio = (self.lora_magnitude_vector[name].detach().to(w0.dtype) / n)[:, None]
+        return (ratio - 1) * w0 + ratio * delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        pending = self._pending()
+        if not pending:
+            return result
+        out_dtype, base_out = result.dtype, result
+        for a in pending:
+            lora_A, lora_B, drop, s = self.lora_A[a], self.lora_B[a], self.lora_dropout[a], self.scaling[a]
+            xa = x.to(lora_A.weight.dtype)
+            if a in self.lora_magnitude_vector:
+                result = result + self._dora_delta(a, xa, base_out)
+            else:
+                result = result + lora_B(lora_A(drop(xa))) * s
+        return result.to(out_dtype)
+
+    def _dora_delta(self, a: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """(m/n - 1) ⊙ W0 x' + (m/n) ⊙ s B A x' with n detached (DoRA §4.3)."""
+        drop, s = self.lora_dropout[a], self.scaling[a]
+        w0 = dense_weight(self.base_layer).to(x.dtype)
+        n = self._row_norm(a, w0).detach()
+        ratio = (self.lora_magnitude_vector[a] / n).view(1, -1)
+        if isinstance(drop, nn.Identity) or not self.training:
+            xd = x
+            bias = self.base_layer.bias
+            base = base_out if bias is None else base_out - bias
+        else:
+            xd = drop(x)
+            base = F.linear(xd, w0)
+        return (ratio - 1) * base + ratio * self.lora_B[a](self.lora_A[a](xd)) * s
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
+
+
+# --- embedding --------------------------------------------------------------------------------
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: h = E[x] + s · (Aᵀ[x]) Bᵀ, A [r, vocab] = 0, B [dim, r] ~ N(0, 1)."""
+
+    _adapter_dicts = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads get_input_embeddings().weight
+        return self.base_layer.weight
+
+    def update_layer(self, name: str, config: LoraConfig, where: str = "") -> None:
+        self._check_unmerged(f"add adapter '{name}'")
+        if config.use_dora or config.is_pissa:
+            raise ConfigError(f"{where}: DoRA and PiSSA are implemented for linear layers only, not embeddings")
+        r, base = config.r, self.base_layer
+        dtype, device = adapter_dtype(base), _device(base)
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, config.lora_alpha, config.scaling
+        A = torch.zeros(r, self.num_embeddings, device=device, dtype=dtype)
+        B = torch.empty(self.embedding_dim, r, device=device, dtype=dtype)
+        if device.type != "meta":
+            nn.init.normal_(B)
+            if config.init_lora_weights is False:
+                nn.init.normal_(A)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def merge_term(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name].detach(), self.lora_embedding_B[name].detach()
+        return (self.scaling[name] * (B @ A).T).to(w0.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        base = self.base_layer
+        for a in self._pending():
+            after_A = F.embedding(x, self.lora_embedding_A[a].T, base.padding_idx, base.max_norm,
+                                  base.norm_type, base.scale_grad_by_freq, base.sparse)
+            result = result + (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
+        return result
+
+
+# --- modules_to_save --------------------------------------------------------------------------
+class ModulesToSave(nn.Module):
+    """A trainable copy per adapter of a whole module (lm_head, embed_tokens); the original stays frozen.
+
+    The active adapter's copy runs; with adapters disabled, or for an adapter without a copy, the
+    original does. HF PEFT saves the copy under the module's own name (`lm_head.weight`).
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    @property
+    def module(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
