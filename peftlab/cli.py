@@ -119,9 +119,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .tuners.lora import merge_to_checkpoint
+    from .train.trainer import resolve_model_path
+    from .tuners.merge import merge_to_checkpoint
 
-    out = merge_to_checkpoint(args.base, args.adapter, args.out)
+    out = merge_to_checkpoint(resolve_model_path(args.base), args.adapter, args.out)
     print(f"[peftlab] merged checkpoint written to {out}")
     return 0
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks and benchmarks, in the order that matters most:
+#   1. bench_quant, bench_kernels, bench_optim (each checks correctness at real shapes first,
+#      then prints a table and writes CSV/PNG under experiments/results/);
+#   2. the kernel test files on CUDA (bit-exactness, fused matmul accuracy, paged AdamW
+#      trajectories, Linear4bit/QLoRA on CUDA).
+# Usage on the GPU machine: bash experiments/gpu_check.sh [results_dir]
+# Each step has its own time limit, so one slow step cannot starve the others; every step's
+# output goes to results_dir/gpu_check_<step>.log.
+set -u
+cd "$(dirname "$0")/.."
+RES=${1:-experiments/results}
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 - <<'EOF' | tee "$RES/gpu_check_env.log"
+import datetime, torch, triton
+try:
+    import bitsandbytes as bnb; v = bnb.__version__
+except Exception as e:  # noqa
+    v = f"not importable ({type(e).__name__})"
+print(f"date {datetime.date.today()}  gpu {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+      f"triton {triton.__version__}  bitsandbytes {v}")
+EOF
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$RES/gpu_check_$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$RES/gpu_check_$name.log"
+  echo "=== $name exit $rc"
+}
+TAIL=40 step bench_quant 90 python3 experiments/bench_quant.py --out "$RES"
+TAIL=60 step bench_kernels 200 python3 experiments/bench_kernels.py --out "$RES"
+TAIL=40 step bench_optim 120 python3 experiments/bench_optim.py --out "$RES"
+TAIL=8 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
+  tests/test_linear4bit.py tests/test_matmul4bit.py tests/test_paged_adamw.py tests/test_lora.py
