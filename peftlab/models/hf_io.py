@@ -290,6 +290,26 @@ def _parse_size(size) -> int:
     return int(s)
 
 
+def _quantization_config(model) -> Optional[Dict[str, Any]]:
+    """bitsandbytes' `quantization_config` for a model holding Linear4bit layers (else None)."""
+    from ..quant.linear4bit import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return None
+    kinds = {(m.quant_state.quant_type, m.quant_state.nested, m.quant_state.blocksize) for m in layers}
+    if len(kinds) > 1:
+        raise ConfigError(f"save_pretrained: 4-bit layers mix settings {sorted(kinds)}; bitsandbytes' "
+                          "config can describe only one")
+    qtype, nested, _ = kinds.pop()
+    compute = layers[0].compute_dtype or torch.float32
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": qtype, "bnb_4bit_use_double_quant": nested,
+            "bnb_4bit_compute_dtype": str(compute).replace("torch.", ""), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
+
+
 def save_pretrained(model: LlamaForCausalLM, out_dir: os.PathLike | str, tokenizer=None,
                     max_shard_size: Any = "2GB", dtype: Optional[torch.dtype] = None) -> Path:
     """Write `model` as a Hugging Face checkpoint (sharded above `max_shard_size`), atomically."""
@@ -303,10 +323,13 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: os.PathLike | str, tokeniz
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         t = t.detach()
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and ".weight." not in name:  # not 4-bit state
             t = t.to(dtype)
         sd[name] = t.to("cpu").contiguous()
     cfg_dict = config_to_dict(cfg)
+    qcfg = _quantization_config(model)
+    if qcfg:
+        cfg_dict["quantization_config"] = qcfg
     first = next((t for t in sd.values() if t.is_floating_point()), None)
     if first is not None:
         cfg_dict["torch_dtype"] = str(first.dtype).replace("torch.", "")

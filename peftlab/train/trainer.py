@@ -223,6 +223,10 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
     model = apply_method(model, cfg, tok)
     if is_main:
         log(f"[peftlab] method={cfg.method} " + trainable_parameters_report(model))
+        if cfg.quantize:
+            from ..quant.report import format_quantization_report
+
+            log(f"[peftlab] {format_quantization_report(model)}")
     train_examples = load_examples(cfg, "train")
     if cfg.data.max_train_examples:
         train_examples = train_examples[: cfg.data.max_train_examples]
