@@ -258,7 +258,7 @@ def bench_capped(args, device):
     n_params = n_tensors * shape[0] * shape[1]
     cap = 12 * GiB                                      # AdamW states (8 GB) do not fit
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap / total, torch.cuda.current_device())
     case = f"{n_params / 1e9:.2f}B params, cap {cap / GiB:.0f} GiB"
     try:
         def attempt(name, make, steps=3):
@@ -291,7 +291,7 @@ def bench_capped(args, device):
         except Exception as e:  # noqa: BLE001 - bitsandbytes without CUDA, or not installed
             record("capped", case, "bnb PagedAdamW32bit", "skipped", "", f"{type(e).__name__}: {e}")
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
 
 
 # ----------------------------------------------------------------------------- driver

@@ -21,8 +21,9 @@ except Exception as e:  # noqa
 print(f"date {datetime.date.today()}  gpu {torch.cuda.get_device_name()}  torch {torch.__version__}  "
       f"triton {triton.__version__}  bitsandbytes {v}")
 EOF
-step() {  # name, seconds, command...
+step() {  # name, seconds, command...   (ONLY="a b" runs just those steps)
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$RES/gpu_check_$name.log" 2>&1
   local rc=$?
@@ -30,7 +31,9 @@ step() {  # name, seconds, command...
   echo "=== $name exit $rc"
 }
 TAIL=40 step bench_quant 90 python3 experiments/bench_quant.py --out "$RES"
-TAIL=60 step bench_kernels 200 python3 experiments/bench_kernels.py --out "$RES"
+TAIL=60 step bench_kernels 230 python3 experiments/bench_kernels.py --out "$RES"
 TAIL=40 step bench_optim 120 python3 experiments/bench_optim.py --out "$RES"
-TAIL=8 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
-  tests/test_linear4bit.py tests/test_matmul4bit.py tests/test_paged_adamw.py tests/test_lora.py
+TAIL=8 step tests 110 python3 -m pytest -q -p no:cacheprovider -x tests/test_quant_kernels.py \
+  tests/test_matmul4bit.py tests/test_decode4bit.py tests/test_linear4bit.py tests/test_paged_adamw.py
+TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
+  output_dir=/tmp/qlora_gpu progress=false

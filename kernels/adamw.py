@@ -154,7 +154,7 @@ def _requantize(x, valid, full, bounds):
     one divides and stores max(absmax, 1e-38); the index is #(bounds < clamp(s, -1, 1)).
     """
     am = tl.max(tl.where(valid, tl.abs(x), 0.0), 0)
-    am_c = tl.maximum(am, 1e-38)
+    am_c = tl.maximum(am, 1e-38).to(tl.float32)  # the literal would otherwise widen to fp64 (Triton 3.6)
     s_full = x * tl.div_rn(tl.zeros_like(x) + 1.0, am_c)
     s_rag = tl.div_rn(x, am_c)
     s = tl.where(full, s_full, s_rag)

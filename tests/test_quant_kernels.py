@@ -17,7 +17,8 @@ from peftlab.kernels.quant4bit import (dequantize_4bit_triton,  # noqa: E402
                                        dequantize_blockwise_8bit_triton, quantize_4bit_triton,
                                        quantize_blockwise_8bit_triton)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Triton runs interpreted on the CPU only where there is no GPU (conftest sets TRITON_INTERPRET).
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -29,6 +29,14 @@ State dicts use bitsandbytes' key names (``weight``, ``weight.absmax``, ``weight
 ``bias``), so a bitsandbytes ``Linear4bit`` state dict loads here and the other way round.
 ``module.to(device)`` moves the quant state with the weight; dtype casts (``.half()``,
 ``.to(torch.bfloat16)``) touch only the bias: the state stays float32 / uint8.
+
+Quant storage (for FSDP). FSDP shards parameters only, never buffers, so ``set_quant_storage(
+torch.bfloat16)`` re-registers the same packed bytes as a frozen ``nn.Parameter`` whose dtype is
+bfloat16 (or float32 ...): [(n+1)//2 / itemsize, 1], bitsandbytes' ``quant_storage``. The bytes are
+never converted: forward and ``dequantize`` reinterpret them as uint8 (``packed_weight()``), dtype
+casts leave them alone, and the state dict stores them under ``weight`` in the storage dtype
+(which bitsandbytes and ``load_weight_state_dict`` read back as bytes). The quant state (absmax,
+code tables) stays a plain per-rank copy, about 1/16 of the packed bytes with double quantization.
 """
 from __future__ import annotations
 
@@ -66,9 +74,20 @@ class _Dequant4bitLinear(torch.autograd.Function):
         return grad_x, None, None, grad_b
 
 
+# Up to this many rows (tokens) the fused kernel (dequantization inside the matmul) runs on CUDA;
+# above it, dequantize-then-cuBLAS wins (see experiments/results/bench_kernels.csv).
+FUSED_MAX_ROWS = 128
+
+
 def _matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ dequant(packed)^T + bias``: the hook for a fused 4-bit matmul kernel."""
+    """``x @ dequant(packed)^T + bias``: on CUDA for up to FUSED_MAX_ROWS rows the fused Triton
+    kernel (peftlab.kernels.matmul4bit, whose backward is fused too); elsewhere dequantize then
+    F.linear, recomputing the dequantization in backward."""
+    if x.is_cuda and x.numel() // max(x.shape[-1], 1) <= FUSED_MAX_ROWS:
+        from ..kernels.matmul4bit import matmul_4bit
+
+        return matmul_4bit(x, packed, state, bias)
     return _Dequant4bitLinear.apply(x, packed, state, bias)
 
 
@@ -96,7 +115,7 @@ class Linear4bit(nn.Module):
     def _setup(self, packed, state, bias, compute_dtype, bias_trainable) -> None:
         self.out_features, self.in_features = (int(s) for s in state.shape)
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", packed, persistent=False)
+        self._store_packed(packed, torch.uint8)
         self._quant_state = state
         if bias is None:
             self.register_parameter("bias", None)
@@ -161,17 +180,59 @@ class Linear4bit(nn.Module):
     def quant_state(self) -> QuantState:
         return self._quant_state
 
+    @property
+    def quant_storage(self) -> torch.dtype:
+        """dtype the packed bytes are stored as: uint8 (a buffer) or a float type (a parameter)."""
+        return self.weight.dtype
+
+    def packed_weight(self) -> torch.Tensor:
+        """The packed bytes as uint8 [(n+1)//2, 1], whatever the storage dtype (a view, no copy)."""
+        w = self.weight
+        return w if w.dtype == torch.uint8 else w.reshape(-1).view(torch.uint8).reshape(-1, 1)
+
+    def set_quant_storage(self, dtype: torch.dtype) -> "Linear4bit":
+        """Store the packed bytes as ``dtype``: uint8 (a buffer, the default) or a float type (a
+        frozen parameter that FSDP can shard); the bytes themselves are unchanged."""
+        self._store_packed(self.packed_weight(), dtype)
+        return self
+
+    def _store_packed(self, packed: torch.Tensor, storage: torch.dtype) -> None:
+        self._buffers.pop("weight", None)
+        self._parameters.pop("weight", None)
+        if storage == torch.uint8:
+            self.register_buffer("weight", packed, persistent=False)
+            return
+        size = torch.empty((), dtype=storage).element_size()
+        if not storage.is_floating_point or packed.numel() % size:
+            raise QuantError(f"Linear4bit [{self.out_features}, {self.in_features}]: cannot store "
+                             f"{packed.numel()} packed bytes as {storage} (needs a float dtype whose "
+                             f"size divides the byte count)")
+        stored = packed.reshape(-1).view(storage).reshape(-1, 1)
+        others = dict(self._parameters)  # keep 'weight' first, as in nn.Linear
+        self._parameters.clear()
+        self._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
+        self._parameters.update(others)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full-precision weight [out, in] (``dtype`` default: the quantized weight's dtype)."""
-        return dequantize_4bit(self.weight, self._quant_state, out_dtype=dtype)
+        return dequantize_4bit(self.packed_weight(), self._quant_state, out_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cdt)
-        return _matmul(x.to(cdt), self.weight, self._quant_state, bias).to(x.dtype)
+        return _matmul(x.to(cdt), self.packed_weight(), self._quant_state, bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+        stored = self._parameters.pop("weight", None)
+        if stored is None:
+            super()._apply(fn, recurse)
+        else:  # float storage: move the bytes as uint8, so that a dtype cast cannot touch them
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                self._parameters["weight"] = stored
+            moved = fn(self.packed_weight().detach())
+            self._store_packed(moved, stored.dtype)
         if self._quant_state.device != self.weight.device:
             self._quant_state = self._quant_state.to(self.weight.device)
         return self
@@ -191,17 +252,23 @@ class Linear4bit(nn.Module):
             if tuple(state.shape) != (self.out_features, self.in_features):
                 raise QuantError(f"{what}: '{wkey}' has shape {tuple(state.shape)}, the module "
                                  f"expects {(self.out_features, self.in_features)}")
-            self._buffers["weight"] = packed
+            self._store_packed(packed, self.quant_storage)
             self._quant_state = state
         else:
             missing_keys.append(wkey)
         rest = {k: v for k, v in state_dict.items() if k not in ours}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        stored = self._parameters.pop("weight", None)  # float storage: loaded above, not here
+        try:
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            if stored is not None:
+                self._parameters["weight"] = stored
 
     def extra_repr(self) -> str:
         s = self._quant_state
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quant_type={s.quant_type}, "
                 f"blocksize={s.blocksize}, double_quant={s.nested}, "
-                f"compute_dtype={self.compute_dtype}")
+                f"compute_dtype={self.compute_dtype}"
+                + ("" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}"))
