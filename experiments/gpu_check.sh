@@ -33,7 +33,7 @@ step() {  # name, seconds, command...   (ONLY="a b" runs just those steps)
 TAIL=40 step bench_quant 90 python3 experiments/bench_quant.py --out "$RES"
 TAIL=60 step bench_kernels 230 python3 experiments/bench_kernels.py --out "$RES"
 TAIL=40 step bench_optim 120 python3 experiments/bench_optim.py --out "$RES"
-TAIL=8 step tests 110 python3 -m pytest -q -p no:cacheprovider -x tests/test_quant_kernels.py \
+TAIL=8 step tests 110 python3 -m pytest -v --tb=line -p no:cacheprovider tests/test_quant_kernels.py \
   tests/test_matmul4bit.py tests/test_decode4bit.py tests/test_linear4bit.py tests/test_paged_adamw.py
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false
