@@ -6,22 +6,9 @@ import pytest
 import torch
 
 from peftlab.errors import ConfigError, TrainingError
-from peftlab.models import LlamaConfig, LlamaForCausalLM, save_pretrained
-from peftlab.tokenizer import Tokenizer
 from peftlab.train import load_train_config, train
 from peftlab.train.batches import StepSampler
 from peftlab.train.trainer import lr_factor
-
-TOKENIZER = "peftlab/assets/tokenizer/tokenizer.model"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256, pad_token_id=3)
-    save_pretrained(LlamaForCausalLM(cfg).reset_parameters(seed=0), d, tokenizer=Tokenizer.load(TOKENIZER))
-    return d
 
 
 def _cfg(base_dir, out, **kw):

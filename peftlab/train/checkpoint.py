@@ -88,6 +88,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     write_json(tmp / "optimizer.json", meta)
     save_safetensors(_rng_state(), tmp / "rng.safetensors")
     write_json(tmp / "state.json", {"step": step, **extra})
+    return publish_checkpoint(tmp, keep)
+
+
+def publish_checkpoint(tmp: Path, keep: int) -> Path:
+    """Rename a complete `checkpoints/.step-N.tmp` folder into place, point LATEST at it and
+    delete all but the newest `keep` checkpoints."""
+    ckdir, name = tmp.parent, tmp.name[1:-len(".tmp")]
     final = ckdir / name
     if final.exists():
         shutil.rmtree(final)
@@ -115,6 +122,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore trainable tensors, optimizer state and generators; returns state.json."""
     path = Path(path)
     state = read_json(path / "state.json", "checkpoint state")
+    if state.get("format") == "dcp":
+        raise CheckpointError(f"{path}: written by a {state.get('world_size')}-process {state.get('distributed')} "
+                              "run (sharded DCP format); resume it under torchrun (see train/distributed.py)")
     tensors = load_safetensors(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}

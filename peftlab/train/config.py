@@ -63,8 +63,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 100
     max_minutes: Optional[float] = None
-    batch_size: int = 8
+    batch_size: int = 8            # examples per micro-batch on each rank (process)
     grad_accum: int = 1
+    global_batch_size: Optional[int] = None  # examples per optimizer step over all ranks; see for_world
     optimizer: str = "adamw"
     lr: float = 1e-3
     lora_plus_ratio: Optional[float] = None
@@ -88,8 +89,9 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True
     progress: bool = True
-    distributed: str = "none"
-    sharding: str = "full"
+    distributed: str = "none"      # none | ddp | fsdp (under torchrun); see train/distributed.py
+    sharding: str = "full"         # fsdp only: grad_op (ZeRO-2-like) | full (ZeRO-3-like)
+    export_merged: bool = False    # LoRA-family runs also write run_dir/merged (HF, base + adapter)
 
     def validate(self, source: str = "config") -> None:
         if self.method not in METHODS:
@@ -119,10 +121,29 @@ class TrainConfig:
             raise ConfigError(f"{source}: field 'distributed': '{self.distributed}' is not one of none, ddp, fsdp")
         if self.sharding not in ("grad_op", "full"):
             raise ConfigError(f"{source}: field 'sharding': '{self.sharding}' is not one of grad_op, full")
+        if self.export_merged and (self.method not in ("lora", "qlora", "dora", "freeze", "bitfit") or self.model is None):
+            raise ConfigError(f"{source}: field 'export_merged' needs an adapter method (lora, qlora, dora, freeze, "
+                              f"bitfit) on a base checkpoint ('model'), got method '{self.method}'")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"{source}: field 'global_batch_size' must be >= 1, got {self.global_batch_size}")
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.grad_accum
+    def for_world(self, world_size: int, source: str = "config") -> "TrainConfig":
+        """This config for `world_size` ranks: `batch_size` is per rank, so one optimizer step sees
+        batch_size x grad_accum x world_size examples. With `global_batch_size` set, grad_accum is
+        derived from it (which needs batch_size x world_size to divide it, and an explicit
+        grad_accum other than 1 to agree)."""
+        if self.global_batch_size is None:
+            return self
+        per_pass = self.batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise ConfigError(f"{source}: field 'global_batch_size' ({self.global_batch_size}) is not divisible by "
+                              f"batch_size x world size = {self.batch_size} x {world_size} = {per_pass}")
+        accum = self.global_batch_size // per_pass
+        if self.grad_accum not in (1, accum):
+            raise ConfigError(f"{source}: field 'grad_accum' ({self.grad_accum}) disagrees with global_batch_size "
+                              f"{self.global_batch_size} = batch_size {self.batch_size} x world size {world_size} "
+                              f"x grad_accum {accum}; give one of the two")
+        return dataclasses.replace(self, grad_accum=accum)
 
 
 def _parse_override(item: str, source: str):

@@ -211,6 +211,7 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
     from ..tuners import trainable_parameters_report
 
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    cfg = cfg.for_world(world)  # resolves global_batch_size into grad_accum
     is_main = rank == 0
     device = dist.device if dist else resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -304,9 +305,10 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
         if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            tokens = int(dist.all_reduce_sum(tokens_seen)) if dist else tokens_seen
             metrics.write({"step": done, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm, "epoch": round(sampler.epoch_of(done), 4),
-                           "tokens": tokens_seen * world, "time": round(time.time() - t0, 3)})
+                           "tokens": tokens, "time": round(time.time() - t0, 3)})
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps and eval_examples:
             ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
             metrics.write({"step": done, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
@@ -348,11 +350,11 @@ def run_eval(model, tok, examples, encoded, cfg, device, autocast_dtype, dist=No
 
 
 def _clip(model, params, max_norm, dist) -> float:
+    if dist and hasattr(dist, "clip_grad_norm"):  # sharded gradients need a global norm (None: no clip)
+        return float(dist.clip_grad_norm(model, max_norm))
     if max_norm is None:
         norm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params if p.grad is not None))
         return float(norm)
-    if dist and hasattr(dist, "clip_grad_norm"):
-        return float(dist.clip_grad_norm(model, max_norm))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
