@@ -96,6 +96,24 @@ class DequantizedLinear(nn.Linear):
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
+def _add_low_rank(result: torch.Tensor, xa: torch.Tensor, lora_B: nn.Linear, s: float) -> torch.Tensor:
+    """result + s · B (A x), given xa = A x [.., r].
+
+    Same value as `result + lora_B(xa) * s` (bit for bit when s is a power of two, else to rounding),
+    cheaper: the scale multiplies the r-wide xa instead of the out-wide product, and the add rides in
+    the GEMM (addmm, beta = 1), so no [.., out] elementwise pass is left in forward or backward.
+    Measured on a 2-core CPU: -22 % for one 256 -> 688 LoRA layer (forward + backward, 2048 tokens),
+    -10 % for a whole LoRA training step (experiments/bench_lora.py). When the dtypes differ it
+    falls back to the plain add (PyTorch's type promotion).
+    """
+    B = lora_B.weight
+    xs = xa if s == 1 else xa * s
+    if result.dtype != B.dtype or xs.dtype != B.dtype:
+        return result + lora_B(xs)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), xs.reshape(-1, xs.shape[-1]), B.t())
+    return out.view(result.shape)
+
+
 # --- shared adapter bookkeeping -----------------------------------------------------------------
 class LoraLayer(nn.Module):
     """What LoraLinear and LoraEmbedding share: adapter names, activity, merge and unmerge."""
@@ -312,7 +330,7 @@ class LoraLinear(LoraLayer):
             if a in self.lora_magnitude_vector:
                 result = result + self._dora_delta(a, xa, base_out)
             else:
-                result = result + lora_B(lora_A(drop(xa))) * s
+                result = _add_low_rank(result, lora_A(drop(xa)), lora_B, s)
         return result.to(out_dtype)
 
     def _dora_delta(self, a: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
