@@ -61,8 +61,11 @@ from .lora_config import LoraConfig
 # --- base layers ------------------------------------------------------------------------------
 def is_quantized(base: nn.Module) -> bool:
     """A base layer whose weight is stored packed (Linear4bit): merging or PiSSA must dequantize."""
-    w = getattr(base, "weight", None)
-    return callable(getattr(base, "dequantize", None)) and (w is None or not w.is_floating_point())
+    from ..quant.state import QuantState
+
+    # Recognised by its quant state, not its weight's dtype: under FSDP the packed bytes are
+    # stored in a float dtype (Linear4bit.set_quant_storage).
+    return isinstance(getattr(base, "quant_state", None), QuantState)
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
