@@ -4,6 +4,8 @@
 test suite's tools and the reference implementations the tests compare against (transformers,
 peft, bitsandbytes), which the library itself never imports.
 """
+from pathlib import Path
+
 from setuptools import setup
 
 PACKAGES = [
@@ -21,7 +23,7 @@ setup(
     name="peftlab",
     version="0.1.0",
     description="A readable, tested and fast research codebase for parameter-efficient fine-tuning",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,

@@ -154,7 +154,9 @@ def _requantize(x, valid, full, bounds):
     one divides and stores max(absmax, 1e-38); the index is #(bounds < clamp(s, -1, 1)).
     """
     am = tl.max(tl.where(valid, tl.abs(x), 0.0), 0)
-    am_c = tl.maximum(am, 1e-38).to(tl.float32)  # the literal would otherwise widen to fp64 (Triton 3.6)
+    # 1e-38 is below float32's normal range, so Triton 3.6 makes it a float64 operand and the
+    # maximum float64; the cast brings back am exactly or float32(1e-38), as torch's clamp gives
+    am_c = tl.maximum(am, 1e-38).to(tl.float32)
     s_full = x * tl.div_rn(tl.zeros_like(x) + 1.0, am_c)
     s_rag = tl.div_rn(x, am_c)
     s = tl.where(full, s_full, s_rag)

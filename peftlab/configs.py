@@ -40,12 +40,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any or tp is object:
         return value
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        errors = []
         for a in args:
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: value {value!r} does not match {tp}")
     if tp is type(None):
         if value is None:
@@ -106,8 +105,3 @@ def from_dict(cls: Type[T], d: Dict[str, Any], source: str = "config") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def to_dict(obj: Any) -> Dict[str, Any]:
-    """A dataclass as a plain dict (recursively)."""
-    return dataclasses.asdict(obj)

@@ -1,6 +1,6 @@
 """`peftlab demo`: the shortest path from a base model to a measured fine-tune, on a laptop CPU.
 
-It loads the shipped ~6M-parameter base (pretrained from scratch on the synthetic world, so it
+It loads the shipped ~7M-parameter base (pretrained from scratch on the synthetic world, so it
 knows facts about people no real model has heard of), measures exact-match accuracy on held-out
 questions about people the fine-tuning data never mentions, fine-tunes with QLoRA (4-bit NF4
 base with double quantization, LoRA on every linear layer) on question-answer pairs about other

@@ -16,6 +16,15 @@ def test_shipped_bases_load_and_know_their_shapes():
         assert model.config.num_key_value_heads == model.config.num_attention_heads
 
 
+@pytest.mark.parametrize("base", ["tiny", "small", "small-bias"])
+def test_eval_and_generate_work_on_every_shipped_base(base, capsys):
+    assert main(["eval", "--model", base, "--task", "classify", "--limit", "2", "--device", "cpu"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["n"] == 2 and ev["loss"] > 0
+    assert main(["generate", "--model", base, "--max-new-tokens", "4", "--device", "cpu", "Ru Dakthorn was"]) == 0
+    assert capsys.readouterr().out.strip()  # the continuation
+
+
 def test_demo_runs_and_prints_before_after(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "3"]) == 0
     out = capsys.readouterr().out
@@ -63,3 +72,10 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert err.startswith("peftlab: error: ") and "learning_rate" in err and "Traceback" not in err
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert "missing: not a checkpoint directory" in capsys.readouterr().err
+    for argv, message in ((["eval", "--model", "tiny", "--task", "arith"], "unknown task 'arith'"),
+                          (["eval", "--model", "tiny", "--split", "dev"], "unknown split 'dev'"),
+                          (["generate", "--model", "tiny", "--device", "gpu0", "Hi"], "device 'gpu0'"),
+                          (["generate", "--model", "tiny", "--max-new-tokens", "-1", "Hi"], "max_new_tokens")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("peftlab: error: ") and message in err and len(err.splitlines()) == 1, argv

@@ -90,6 +90,9 @@ def runs(request, base_dir, tmp_path_factory):
         base_dir, root / "lora_fsdp_copy", device, **{**SCENARIOS["lora_fsdp"][0], "distributed": "ddp"})))
     spec["scenarios"]["resume_single_process_checkpoint"] = str(_write_config(root / "single.yaml", _config(
         base_dir, root / "single", device, method="lora", peft=LORA, distributed="ddp", save_every=2)))
+    spec["scenarios"]["time_limit"] = str(_write_config(root / "time.yaml", _config(
+        base_dir, root / "time_limit", device, method="lora", peft=LORA, distributed="ddp", save_every=5,
+        max_minutes=0.0)))
     train(load_train_config(base=_config(base_dir, root / "single", device, method="lora", peft=LORA, save_every=2,
                                          max_steps=3)), log=lambda *a: None)
     (root / "spec.json").write_text(json.dumps(spec))
@@ -196,8 +199,17 @@ def test_killed_run_resumes_with_the_same_losses(runs):
     uninterrupted = runs["dist"]["lora_fsdp"]["losses"]
     got = [losses[s] for s in range(1, 7)]
     assert got == uninterrupted, (got, uninterrupted)  # bit-identical, before and after the kill
+    tokens = [(r["step"], r["tokens"]) for r in rows if "loss" in r]  # each step once, counted over ranks
+    ref_rows = [json.loads(x) for x in (root / "lora_fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert tokens == [(r["step"], r["tokens"]) for r in ref_rows if "loss" in r]
     a, b = _adapter(root / "killed"), _adapter(root / "lora_fsdp")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_limit_stops_every_rank_after_the_same_step(runs):
+    out = runs["dist"]["time_limit"]
+    assert len(out["losses"]) == 1 and out["summary"]["steps"] == 1
+    assert (runs["root"] / "time_limit" / "checkpoints" / "LATEST").read_text() == "step-000001"
 
 
 # --- launch checks (no processes needed) ----------------------------------------------------------

@@ -67,6 +67,7 @@ def test_freeze_selects_exactly_these_tensors(config, prefixes):
     (dict(trainable_layers=1, trainable_modules=["feed_forward"]), "available: .*mlp.*self_attn"),
     (dict(trainable_layers=1, extra_modules=["final_norm"]), "final_norm"),
     (dict(trainable_layers=1, trainable_modules=[]), "trainable_modules"),
+    (dict(trainable_layers=0, extra_modules="lm_head"), "'extra_modules' must be a list"),
 ])
 def test_freeze_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -79,6 +79,10 @@ def test_target_matching_nothing_lists_available_modules():
     (lambda: LoraConfig(bias="some"), "bias"),
     (lambda: LoraConfig(r=0), "'r'"),
     (lambda: LoraConfig(target_modules="q_proj(", r=2), "regex"),
+    (lambda: LoraConfig(target_modules=["q_proj"], layers_to_transform="0"), "layers_to_transform"),
+    (lambda: LoraConfig(target_modules=["q_proj"], layers_to_transform=[0, -1]), "layers_to_transform"),
+    (lambda: LoraConfig(target_modules=["q_proj"], layers_pattern=3), "layers_pattern"),
+    (lambda: LoraConfig(lora_dropout="0.1"), "lora_dropout"),
 ])
 def test_config_validation(make, match):
     with pytest.raises(ConfigError, match=match):
@@ -190,6 +194,41 @@ def test_named_adapters_add_set_delete():
     assert wrapped(model) == [] and not hasattr(model, "peft_config") and torch.equal(model(x), ref)
 
 
+def test_set_adapter_while_merged_never_runs_a_stale_merge():
+    model = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    L.add_adapter(model, "b", LoraConfig(r=3, target_modules=["q_proj"], use_dora=True))
+    L.set_adapter(model, ["default", "b"])
+    perturb(model)
+    x = ids()
+    both = model(x)
+    L.set_adapter(model, "default")
+    only_a = model(x)
+    L.set_adapter(model, ["default", "b"])
+    L.merge_adapter(model)
+    L.set_adapter(model, ["b", "default"])              # the same set: stays merged
+    q = model.model.layers[0].self_attn.q_proj
+    assert sorted(q.merged_adapters) == ["b", "default"]
+    torch.testing.assert_close(model(x), both, atol=1e-5, rtol=1e-5)
+    L.set_adapter(model, "default")                     # b must leave the weights
+    assert not q.merged_adapters                        # (v_proj, without b, stays merged)
+    torch.testing.assert_close(model(x), only_a, atol=1e-5, rtol=1e-5)
+    q.merge(["b"])                                      # merged but not active: refused, not wrong
+    with pytest.raises(AdapterError, match=r"\['b'\] are merged into the weight but not active"):
+        model(x)
+
+
+def test_embedding_lora_on_a_bfloat16_base_keeps_the_hidden_dtype():
+    model = get_peft_model(tiny().to(torch.bfloat16), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                                  init_lora_weights=False))
+    emb = model.model.embed_tokens
+    assert emb.lora_embedding_A["default"].dtype == torch.float32   # adapters stay float32
+    assert emb(ids()).dtype == torch.bfloat16
+    logits = model(ids())
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert emb.lora_embedding_A["default"].grad.abs().sum() > 0
+
+
 # --- merging ----------------------------------------------------------------------------------------
 def test_safe_merge_refuses_non_finite_weights():
     model = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["q_proj"]))
@@ -279,6 +318,15 @@ def test_qlora_wraps_linear4bit_merges_by_dequantizing(device, dora):
         plain = L.merge_and_unload(model)
         assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
         torch.testing.assert_close(plain(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_report_counts_4bit_weights_in_any_quant_storage():
+    model = quantize_model(tiny())
+    report = trainable_parameters_report(model)
+    for layer in (0, 1):       # FSDP keeps the packed bytes as a bfloat16 parameter: same count
+        model.model.layers[layer].self_attn.q_proj.set_quant_storage(torch.bfloat16)
+    assert trainable_parameters_report(model) == report
+    assert f"all params: {sum(p.numel() for p in tiny().parameters()):,} ||" in report
 
 
 def test_qlora_merge_with_bfloat16_compute():

@@ -103,8 +103,9 @@ def test_our_save_loads_in_transformers(pair, tmp_path):
         torch.testing.assert_close(back(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
 
 
-def test_batched_left_padded_generation_equals_single_rows():
-    cfg = LlamaConfig(**BASE, num_key_value_heads=2)
+@pytest.mark.parametrize("window", [None, 4])  # Mistral's sliding window over cache + left padding
+def test_batched_left_padded_generation_equals_single_rows(window):
+    cfg = LlamaConfig(**BASE, num_key_value_heads=2, sliding_window=window)
     model = LlamaForCausalLM(cfg).reset_parameters(seed=1).eval()
     a = torch.randint(3, 97, (5,))
     b = torch.randint(3, 97, (8,))
@@ -115,6 +116,57 @@ def test_batched_left_padded_generation_equals_single_rows():
     out = model.generate(batch, attention_mask=mask, max_new_tokens=6)
     assert torch.equal(out[0], model.generate(a[None], max_new_tokens=6)[0])
     assert torch.equal(out[1], model.generate(b[None], max_new_tokens=6)[0])
+
+
+class _CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def new_kv_cache(self):
+        return self.model.new_kv_cache()
+
+    def forward(self, **kw):
+        self.calls += 1
+        return self.model(**kw)
+
+
+def test_generate_runs_once_per_new_token_and_stops_at_eos():
+    from peftlab.models import generate
+
+    model = LlamaForCausalLM(LlamaConfig(**BASE)).reset_parameters(seed=6).eval()
+    ids = torch.randint(3, 97, (2, 5))
+    counting = _CountingModel(model)
+    ref = generate(counting, ids, max_new_tokens=4)
+    assert ref.shape == (2, 4) and counting.calls == 4  # prefill + 3 cached steps, none wasted
+    counting.calls = 0
+    assert generate(counting, ids, max_new_tokens=0).shape == (2, 0) and counting.calls == 0
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 0"):
+        generate(model, ids, max_new_tokens=-1)
+    # a row that emits eos is padded from then on; the others go on
+    eos = int(ref[0, 1])
+    out = generate(model, ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=0)
+    stop = int((ref[0] == eos).nonzero()[0])
+    assert out[0, :stop + 1].tolist() == ref[0, :stop + 1].tolist() and set(out[0, stop + 1:].tolist()) <= {0}
+    # when every row has emitted eos, decoding stops
+    same = ids[:1].expand(2, -1)
+    counting.calls = 0
+    first = int(ref[0, 0])
+    assert generate(counting, same, max_new_tokens=4, eos_token_id=first).tolist() == [[first], [first]]
+    assert counting.calls == 1
+
+
+def test_low_precision_cast_keeps_float32_rotary_table():
+    from peftlab.models.llama import rope_inverse_frequencies
+
+    cfg = LlamaConfig(**BASE, rope_theta=500000.0)
+    model = LlamaForCausalLM(cfg).reset_parameters(seed=0).to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.inv_freq, rope_inverse_frequencies(cfg))
+    # cos/sin are built in float32 from it: the angle at position 4000 is exact, not off by ~16 rad
+    cos, _ = model.rotary(torch.tensor([[4000]]), torch.float32)
+    torch.testing.assert_close(cos[0, 0, 0, 1], torch.cos(4000 * rope_inverse_frequencies(cfg)[1]))
 
 
 def test_sampling_is_seeded_and_respects_top_k():
@@ -142,6 +194,39 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-6)
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_no_stale_files(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from peftlab.models.hf_io import _parse_size
+
+    cfg = LlamaConfig(**BASE, num_key_value_heads=2)
+    old = LlamaForCausalLM(cfg).reset_parameters(seed=4).eval()
+    save_pretrained(old, tmp_path)
+    real, calls = safetensors.torch.save, {"n": 0}
+
+    def dies_on_third_shard(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save", dies_on_third_shard)
+    new = LlamaForCausalLM(cfg).reset_parameters(seed=5).eval()
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(new, tmp_path, max_shard_size=20_000)  # dies while writing shards
+    monkeypatch.setattr(safetensors.torch, "save", real)
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.equal(load_pretrained(tmp_path)[0](ids), old(ids))  # the old file is still whole
+    save_pretrained(new, tmp_path, max_shard_size=20_000)
+    assert torch.equal(load_pretrained(tmp_path)[0](ids), new(ids))
+    save_pretrained(old, tmp_path)  # sharded -> one file: the shards and the index go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_pretrained(tmp_path)[0](ids), old(ids))
+    assert _parse_size("2GB") == 2 * 10**9 and _parse_size("1GiB") == 2**30 and _parse_size(500) == 500
+    with pytest.raises(ConfigError, match="max_shard_size 'lots'"):
+        save_pretrained(new, tmp_path, max_shard_size="lots")
 
 
 def test_sharded_save_and_load_roundtrip(tmp_path):
@@ -219,6 +304,14 @@ def test_unknown_model_type_and_field(good_dir):
         load_pretrained(good_dir)
     (good_dir / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4}}))
     with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
+        load_pretrained(good_dir)
+    (good_dir / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8}}))
+    with pytest.raises(ConfigError, match=r"config\.json: rope_scaling of type 'llama3' lacks low_freq_factor, "
+                                          "high_freq_factor, original_max_position_embeddings"):
+        load_pretrained(good_dir)
+    layers = ["full_attention", "sliding_attention"]
+    (good_dir / "config.json").write_text(json.dumps({**cfg, "sliding_window": 4, "layer_types": layers}))
+    with pytest.raises(ConfigError, match=r"config\.json: field 'layer_types' mixes full and sliding"):
         load_pretrained(good_dir)
 
 

@@ -65,7 +65,11 @@ def test_trajectory_matches_torch_adamw(device, kw):
     ref = torch.optim.AdamW(groups(ref_ps), foreach=False)
     opt = PagedAdamW(groups(ps), **kw)
     run_pair(ref, ref_ps, opt, ps, 100)
-    tol = 0.0 if device == "cpu" else 1e-6        # the CPU reference mirrors torch op by op
+    # CPU: the reference mirrors torch op by op. CUDA: torch divides by the bias-correction
+    # scalar through its float32 reciprocal, the kernel divides (div_rn): at most an ulp apart in
+    # the denominator per step. Emulated on the CPU over these 100 steps that uses ~5 % of the
+    # 1e-6 tolerance, and over bench_optim's 20 steps it gives the H200's recorded 1.07e-7.
+    tol = 0.0 if device == "cpu" else 1e-6
     assert_params_close(ref_ps, ps, rtol=max(tol, 1e-6), atol=tol)
     rep = opt.memory_report()
     if kw.get("chunk_bytes") == 1024:
@@ -305,6 +309,20 @@ def test_bad_param_group_is_a_config_error():
         PagedAdamW([])
     with pytest.raises(ConfigError, match="float64"):
         PagedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+
+
+def test_refused_param_group_leaves_the_optimizer_as_it_was():
+    ref_ps, ps = make_params("cpu"), make_params("cpu")
+    ref = torch.optim.AdamW(ref_ps, foreach=False, lr=1e-2)
+    opt = PagedAdamW(ps, lr=1e-2, chunk_bytes=1024)
+    run_pair(ref, ref_ps, opt, ps, 4, sched=False)
+    for bad, match in ((torch.zeros(3, dtype=torch.float64), "float64"),
+                       (torch.zeros(3, device="meta"), "several devices")):
+        with pytest.raises(ConfigError, match=match):
+            opt.add_param_group({"params": [torch.nn.Parameter(bad)]})
+        assert len(opt.param_groups) == 1
+    run_pair(ref, ref_ps, opt, ps, 4, start=4, sched=False)   # states kept, steps go on
+    assert_params_close(ref_ps, ps, atol=0)
 
 
 def test_state_dict_of_another_layout_is_a_checkpoint_error():

@@ -241,8 +241,10 @@ def test_bad_adapter_files_name_the_problem(tmp_path):
     from peftlab.fileio import save_safetensors
 
     save_safetensors({"prompt_embeddings": torch.zeros(N, 7)}, tmp_path / "adapter_model.safetensors")
+    base = base_model()
     with pytest.raises(AdapterError, match=r"prompt_embeddings.*shape \(4, 7\)"):
-        load_adapter(base_model(), tmp_path)
+        load_adapter(base, tmp_path)
+    assert all(p.requires_grad for p in base.parameters())   # refused before anything changed
     save_safetensors({"prompt_embeddings": torch.zeros(N, 128), "extra": torch.zeros(1)},
                      tmp_path / "adapter_model.safetensors")
     with pytest.raises(PeftlabError, match="extra"):

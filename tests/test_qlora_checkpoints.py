@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from peftlab.errors import ConfigError
 from peftlab.models import LlamaConfig, LlamaForCausalLM, load_pretrained, save_pretrained
 from peftlab.quant.linear4bit import Linear4bit
 from peftlab.quant.report import quantization_report
@@ -53,6 +54,9 @@ def test_transformers_bnb_checkpoint_loads_with_same_logits(hf_full, tmp_path, q
     ours, _ = load_pretrained(tmp_path)
     assert isinstance(ours.model.layers[1].mlp.down_proj, Linear4bit)
     assert ours.model.layers[0].self_attn.q_proj.quant_state.quant_type == quant_type
+    other = {"nf4": "fp4", "fp4": "nf4"}[quant_type]  # a stored 4-bit type cannot be re-chosen on load
+    with pytest.raises(ConfigError, match=f"already quantized as {quant_type}; quantize='{other}'"):
+        load_pretrained(tmp_path, quantize=other)
     ids = torch.randint(0, 97, (2, 7))
     # bitsandbytes' CPU forward is itself lossy (about 3e-3 off x @ dequant(W)^T) and repacks the
     # weights on first use, so the oracle is a copy of the transformers model, taken before any

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import DataError
+from ..tokenizer import ASSISTANT_SIDE, USER_SIDE
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
-USER_SIDE = ("user", "observation")
-ASSISTANT_SIDE = ("assistant", "function_call")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "observation": "observation", "tool": "observation",

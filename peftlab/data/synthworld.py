@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from ..errors import ConfigError
 from ..fileio import atomic_write, write_json
 from .formats import Example, parse_record
 from .match import exact_match, normalize_answer  # noqa: F401  (re-exported evaluation helpers)
@@ -45,8 +46,7 @@ from .names import NameMaker, check_unique
 from .world_templates import (HELD_OUT, INDUSTRIES, INSTRUMENTS, ORG_SUFFIXES, PERSON_RELATIONS,
                               PLACE_TEMPLATES, PRETRAIN, PROFESSIONS, SKILL_PRACTICE, cloze_prompt,
                               fill, is_cloze)
-
-SPLITS = ("train", "validation", "test")
+from .world_tasks import SPLITS, TASK_FORMATS, build_tasks, dataset_info
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class SynthWorld:
                  n_countries: int = 5, n_bios: int = 8, n_first_names: int = 60,
                  n_skill_words: int = 500):
         if n_cities < n_countries or n_people < 10 or n_orgs < 1 or n_bios < 1:
-            raise ValueError("SynthWorld needs n_cities >= n_countries, n_people >= 10, n_orgs >= 1, n_bios >= 1")
+            raise ConfigError("SynthWorld needs n_cities >= n_countries, n_people >= 10, n_orgs >= 1, n_bios >= 1")
         self.seed = int(seed)
         self.n_bios = n_bios
         names = NameMaker(self._rng("names"))
@@ -233,8 +233,6 @@ class SynthWorld:
     def tokenizer_corpus(self) -> Iterator[str]:
         """Texts to train a tokenizer on: the pretraining corpus, then every task record rendered
         as the default chat template renders it (so headers like "### User:" become pieces)."""
-        from .world_tasks import TASK_FORMATS, build_tasks
-
         yield from self.pretrain_texts()
         tasks = build_tasks(self)
         for task in TASK_FORMATS:
@@ -266,19 +264,15 @@ def get_world(seed: int = 0) -> SynthWorld:
 
 @functools.lru_cache(maxsize=4)
 def _tasks(seed: int) -> Dict[str, Dict[str, List[dict]]]:
-    from .world_tasks import build_tasks
-
     return build_tasks(get_world(seed))
 
 
 def load_task(name: str, split: str, seed: int = 0) -> List[Example]:
     """The examples of task `name` and `split`, generated in memory (the default-size world)."""
-    from .world_tasks import TASK_FORMATS
-
     if name not in TASK_FORMATS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_FORMATS)}")
+        raise ConfigError(f"synthetic world: unknown task {name!r}; choose one of {', '.join(TASK_FORMATS)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"synthetic world: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     recs = _tasks(seed)[name][split]
     return [parse_record(json.loads(json.dumps(r)), TASK_FORMATS[name], f"synthworld {name}/{split}: record {i}")
             for i, r in enumerate(recs)]
@@ -304,8 +298,6 @@ def _dump(obj) -> str:
 
 def write_world(out_dir: os.PathLike | str, seed: int = 0, **world_kwargs) -> Dict[str, Path]:
     """Write pretrain.jsonl, <task>/{train,validation,test}.json, dataset_info.json, world.json."""
-    from .world_tasks import TASK_FORMATS, build_tasks, dataset_info
-
     out = Path(out_dir)
     world = get_world(seed) if not world_kwargs else SynthWorld(seed=seed, **world_kwargs)
     tasks = build_tasks(world)

@@ -12,9 +12,11 @@ put virtual tokens ahead of the prompt.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+
+from ..errors import ConfigError
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -39,10 +41,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     """Decode up to `max_new_tokens` tokens after `input_ids` [B, T] (left-padded if ragged).
 
     Returns the new tokens [B, n] (n <= max_new_tokens); after a row emits `eos_token_id` its
-    remaining positions hold `pad_token_id` (or eos when no pad is given).
+    remaining positions hold `pad_token_id` (or eos when no pad is given). Decoding n tokens runs
+    the model n times (the prefill, then n - 1 cached steps); n = 0 runs it not at all.
     """
     B = input_ids.shape[0]
     device = input_ids.device
+    if max_new_tokens < 0:
+        raise ConfigError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return input_ids.new_empty(B, 0)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: let the model take its plain causal path
@@ -50,7 +57,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     logits = model(input_ids=input_ids, attention_mask=attention_mask, kv_cache=cache, num_logits_to_keep=1)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         step_logits = logits[:, -1].float()
         if do_sample:
             step_logits = _filter_logits(step_logits / max(temperature, 1e-6), top_k, top_p)
@@ -63,9 +70,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             done = done | (nxt == eos_token_id)
             if bool(done.all()):
                 break
+        if step == max_new_tokens - 1:
+            break  # the last token needs no logits after it
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         logits = model(input_ids=nxt[:, None], attention_mask=attention_mask, kv_cache=cache, num_logits_to_keep=1)
-    if not out:
-        return input_ids.new_empty(B, 0)
     return torch.stack(out, dim=1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask) LongTensors [B, T], right-aligned so every
+    prompt ends in the last column (the layout `generate` decodes from)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if len(p):
+            ids[r, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[r, T - len(p):] = 1
+    return ids, mask

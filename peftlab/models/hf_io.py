@@ -69,6 +69,9 @@ def config_from_dict(d: Dict[str, Any], source: str = CONFIG_NAME) -> LlamaConfi
     types = set(d.get("layer_types") or ["full_attention"])
     if types - {"full_attention", "sliding_attention"}:
         raise ConfigError(f"{source}: field 'layer_types' has unsupported entries {sorted(types)}")
+    if len(types) > 1:  # one window (or none) applies to every layer here
+        raise ConfigError(f"{source}: field 'layer_types' mixes full and sliding-window attention "
+                          "layers, which is not supported")
     kw = {k: v for k, v in d.items() if k in _CONFIG_FIELDS}
     rp = d.get("rope_parameters")
     if rp:
@@ -198,6 +201,10 @@ def load_pretrained(path: os.PathLike | str, dtype: Any = torch.float32, device:
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     prequantized = isinstance(raw_cfg.get("quantization_config"), dict)
+    stored_qtype = raw_cfg["quantization_config"].get("bnb_4bit_quant_type") if prequantized else None
+    if prequantized and quantize and stored_qtype and quantize != stored_qtype:
+        raise ConfigError(f"{path / CONFIG_NAME}: the checkpoint is already quantized as {stored_qtype}; "
+                          f"quantize={quantize!r} cannot change that (pass quantize=None or {stored_qtype!r})")
     quant_parts: Dict[str, Dict[str, torch.Tensor]] = {}
     seen = set()
     target_dtype = None
@@ -263,7 +270,8 @@ def _install_4bit(model, name, weight, quant_type, blocksize, double_quant, comp
 def _install_prequantized(model, parts, device, compute_dtype, path):
     from ..quant.linear4bit import Linear4bit
 
-    for base, tensors in parts.items():
+    for base in list(parts):
+        tensors = parts.pop(base)  # drop the host copy as each layer is installed
         mod_name = base[: -len(".weight")]
         parent_name, _, child = mod_name.rpartition(".")
         try:
@@ -281,13 +289,20 @@ def _install_prequantized(model, parts, device, compute_dtype, path):
 
 # --- saving -----------------------------------------------------------------------------------
 def _parse_size(size) -> int:
-    if isinstance(size, int):
+    """Bytes in `size`: an int, or a string like "2GB", "500MB", "1GiB" (as transformers takes)."""
+    if isinstance(size, int) and size > 0:
         return size
     s = str(size).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    mult = next((m for u, m in units if s.endswith(u)), 1)
+    digits = next((s[: -len(u)] for u, _ in units if s.endswith(u)), s)
+    try:
+        n = int(float(digits) * mult)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ConfigError(f"max_shard_size {size!r} is not a positive size such as 2GB, 500MB or 1GiB")
+    return n
 
 
 def _quantization_config(model) -> Optional[Dict[str, Any]]:
@@ -343,22 +358,27 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: os.PathLike | str, tokeniz
             size = 0
         shards[-1][name] = t
         size += nbytes
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
-        if stale.exists():
-            stale.unlink()
+    # Every new file is written (atomically) before any old one is removed, so a save that fails
+    # midway leaves the previous checkpoint whole; the files it replaces go last.
     if len(shards) == 1:
-        with atomic_write(out / WEIGHTS_NAME) as f:
+        written = [out / WEIGHTS_NAME]
+        with atomic_write(written[0]) as f:
             f.write(save(shards[0], metadata={"format": "pt"}))
     else:
-        weight_map = {}
+        weight_map, written = {}, []
         n = len(shards)
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             with atomic_write(out / fname) as f:
                 f.write(save(shard, metadata={"format": "pt"}))
+            written.append(out / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in sd.values())
         write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(out / INDEX_NAME)
+    for stale in set(out.glob("model*.safetensors")) | {out / INDEX_NAME}:
+        if stale not in written and stale.exists():
+            stale.unlink()
     write_json(out / CONFIG_NAME, cfg_dict)
     if tokenizer is not None:
         tokenizer.save(out)

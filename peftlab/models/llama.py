@@ -34,6 +34,11 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 
 
+# The parameters each supported rope_scaling type needs ("default" is no scaling).
+_ROPE_KEYS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 @dataclass
 class LlamaConfig:
     """Model hyperparameters under their Hugging Face names.
@@ -86,9 +91,12 @@ class LlamaConfig:
             raise ConfigError(f"{source}: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("linear", "llama3", "default"):
+            if kind not in _ROPE_KEYS:
                 raise ConfigError(f"{source}: rope_scaling type '{kind}' is not supported "
                                   "(supported: linear, llama3)")
+            missing = [k for k in _ROPE_KEYS[kind] if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(f"{source}: rope_scaling of type '{kind}' lacks {', '.join(missing)}")
         if self.model_type not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"{source}: model_type '{self.model_type}' is not supported "
                               "(supported: llama, mistral, qwen2)")
@@ -162,7 +170,8 @@ class KVCache:
     Storage is over-allocated (doubling) so that decoding a token writes into existing memory
     instead of concatenating the whole cache. `length` counts positions already stored; the model
     advances it after every layer has appended. Prefix tuning pre-fills it with virtual keys and
-    values (gradients flow through the writes).
+    values. With autograd on, appending concatenates instead of writing in place (an in-place
+    write would invalidate keys already saved for the backward pass).
     """
 
     def __init__(self, num_layers: int):
@@ -189,12 +198,6 @@ class KVCache:
         buf_k[:, :, start:start + T] = k
         buf_v[:, :, start:start + T] = v
         return buf_k[:, :, :start + T], buf_v[:, :, :start + T]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when finished sequences are dropped)."""
-        for i in range(len(self.k)):
-            if self.k[i] is not None:
-                self.k[i], self.v[i] = self.k[i][index], self.v[i][index]
 
 
 class Attention(nn.Module):
@@ -268,6 +271,14 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.gradient_checkpointing = False
 
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` / `.half()` would cast the rotary frequencies with the weights; a θ_i
+        # rounded to 8 bits turns the angle pos·θ_i by up to pos·θ_i/256, a wrong rotation at long
+        # range. The table stays float32 (as load_pretrained builds it), on the new device.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inverse_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
 
 class LlamaForCausalLM(nn.Module):
     """Decoder plus output head. `model(input_ids)` returns logits [B, T, vocab].
@@ -280,6 +291,7 @@ class LlamaForCausalLM(nn.Module):
       so left-padded rows and prefix-cached rows get the same positions in training and decoding;
       without a mask they are P .. P + T - 1.
     - num_logits_to_keep > 0 computes the head for the last positions only (decoding).
+    - return_hidden=True returns the final-norm hidden states [B, T, d] instead of logits.
     """
 
     def __init__(self, config: LlamaConfig):

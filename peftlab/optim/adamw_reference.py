@@ -23,7 +23,6 @@ Shapes: every tensor argument is a flat 1-D view of one parameter segment of n e
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +92,3 @@ def adamw8bit_step_reference(p: torch.Tensor, g: torch.Tensor, qm: torch.Tensor,
         q.copy_(new_q.reshape(-1))
         a.copy_(new_a.reshape(-1))
 
-
-def quant_blocks(n: int) -> int:
-    """Number of 256-element absmax blocks of an n-element tensor."""
-    return math.ceil(n / QUANT_BLOCK)

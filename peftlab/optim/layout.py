@@ -9,7 +9,8 @@ and the same state format, so one kernel launch updates the whole chunk.
 
     bytes: [ m: float32[N] | v: float32[N] ]                 8 bytes per parameter
 
-8-bit chunk, B = sum(ceil(n_s / 256)) quantization blocks (Dettmers et al. 2021, Sec. 2.1):
+8-bit chunk, B = sum(ceil(n_s / 256)) quantization blocks (Dettmers et al. 2021, arXiv 2110.02861,
+Sec. 2.1):
 
     bytes: [ absmax_m: f32[B] | absmax_v: f32[B] | q_m: u8[256 B] | q_v: u8[256 B] ]
                                                               2 + 8/256 bytes per parameter

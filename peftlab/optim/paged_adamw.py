@@ -153,7 +153,13 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ConfigError(f"{where}: {e}") from None
         if getattr(self, "_ready", False):
             saved = self._export_states()
-            self._rebuild(include=set())
+            try:
+                self._rebuild(include=set())
+            except ConfigError:          # refused (device, dtype): the optimizer stays as it was
+                self.param_groups.pop()
+                self._rebuild(include=set())
+                self._import_states(saved)
+                raise
             self._import_states(saved)
 
     def _rebuild(self, include: set) -> None:

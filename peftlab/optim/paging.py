@@ -1,5 +1,8 @@
 """Where each chunk of optimizer state lives, and how a step streams the paged ones.
 
+QLoRA's paged optimizers (Dettmers et al. 2023, arXiv 2305.14314, Sec. 3) move optimizer states
+between host and device memory; here the moves are explicit copies rather than page faults.
+
 A chunk (peftlab/optim/layout.py) is either *resident*, one buffer on the device for good, or
 *paged*, one buffer in (pinned) host memory that visits the device during a step through a
 fixed window of K staging slots. With K = 3 every stage of the pipeline runs at once, each on

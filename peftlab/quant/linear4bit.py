@@ -21,8 +21,12 @@ held constant and ``y = x W^T + b`` (summing over the batch dims of ``x``)::
 Forward saves only the packed weight and its state, never the dequantized ``W`` (that would
 cost 16 bits per parameter of activation memory); backward dequantizes again.
 
-On the forward path, ``_matmul(x, packed, state, bias)`` is the single hook where a fused 4-bit
-matmul kernel (``peftlab.kernels.matmul4bit.matmul_4bit``) can replace dequantize + F.linear.
+Dispatch (``_matmul``, the single hook): on CUDA, for at most ``FUSED_MAX_ROWS`` rows (decode,
+small batches), the fused 4-bit matmul of ``peftlab.kernels.matmul4bit`` (weights decoded inside
+the kernel, fused backward); float32 inputs only under CUDA autocast or where PyTorch allows TF32
+(``torch.get_float32_matmul_precision() != "highest"``), since that kernel's float32 dot is TF32.
+Everywhere else (CPU, more rows, strict float32) the autograd Function below: dequantize, then
+``F.linear``.
 
 State dicts use bitsandbytes' key names (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
@@ -80,12 +84,24 @@ class _Dequant4bitLinear(torch.autograd.Function):
 FUSED_MAX_ROWS = 128
 
 
+def _use_fused(x: torch.Tensor) -> bool:
+    """The fused kernel for CUDA inputs of at most FUSED_MAX_ROWS rows. Its float32 dot runs in
+    TF32 (10-bit mantissa), so float32 inputs take it only where PyTorch's own float32 matmuls
+    would be as coarse: ``torch.set_float32_matmul_precision`` below "highest" (TF32 allowed),
+    or under CUDA autocast (which runs F.linear in 16 bits). Otherwise a float32 layer would silently be less precise
+    for small batches than for large ones."""
+    if not x.is_cuda or x.numel() // max(x.shape[-1], 1) > FUSED_MAX_ROWS:
+        return False
+    return (x.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
+            or torch.is_autocast_enabled("cuda"))
+
+
 def _matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ dequant(packed)^T + bias``: on CUDA for up to FUSED_MAX_ROWS rows the fused Triton
-    kernel (peftlab.kernels.matmul4bit, whose backward is fused too); elsewhere dequantize then
+    """``x @ dequant(packed)^T + bias``: the fused Triton kernel where ``_use_fused`` says so
+    (peftlab.kernels.matmul4bit, whose backward is fused too); elsewhere dequantize then
     F.linear, recomputing the dequantization in backward."""
-    if x.is_cuda and x.numel() // max(x.shape[-1], 1) <= FUSED_MAX_ROWS:
+    if _use_fused(x):
         from ..kernels.matmul4bit import matmul_4bit
 
         return matmul_4bit(x, packed, state, bias)
@@ -174,6 +190,12 @@ class Linear4bit(nn.Module):
                              f"expected {expected}")
         bias = state_dict.get(prefix + "bias")
         if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (expected[0],) \
+                    or not bias.is_floating_point():
+                got = (f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor)
+                       else type(bias).__name__)
+                raise QuantError(f"{source}: '{prefix}bias' is {got}, expected a float tensor of "
+                                 f"shape ({expected[0]},)")
             bias = bias.to(device)
         return cls._wrap(packed, state, bias, compute_dtype, bias_trainable)
 

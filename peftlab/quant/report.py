@@ -1,6 +1,7 @@
 """How many bits each quantized weight really costs, measured from the stored tensors.
 
-For a blockwise 4-bit weight of n elements, blocksize B and (with double quantization) second-level
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314, section 3, "Double Quantization") counts the
+storage of blockwise 4-bit weights per parameter. For a blockwise 4-bit weight of n elements, blocksize B and (with double quantization) second-level
 blocks of B2 absmax values, the per-weight storage is
 
     4                       the packed codes (two per byte)

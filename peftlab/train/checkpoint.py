@@ -4,14 +4,14 @@
         trainable.safetensors     every parameter with requires_grad, under its model name
         optimizer.safetensors     optimizer state tensors  (+ optimizer.json: param groups)
         rng.safetensors           CPU (and CUDA) generator states, so dropout repeats
-        state.json                step, tokens seen, config digest
+        state.json                step, tokens seen (all ranks), method
     run_dir/checkpoints/LATEST    name of the newest complete checkpoint
 
 A checkpoint is assembled in a temporary folder and renamed into place only when complete, and
 LATEST is rewritten atomically afterwards, so a run killed at any moment leaves the previous
 checkpoint loadable. Resuming rebuilds the model from the base and the method config, loads the
 trainable tensors and the optimizer state, restores the generators, and continues at the saved
-step; since batches are a pure function of the step (see data.py), the losses repeat exactly.
+step; since batches are a pure function of the step (see batches.py), the losses repeat exactly.
 """
 from __future__ import annotations
 

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import yaml
 
-from ..configs import check_keys, from_dict
+from ..configs import from_dict
+from ..data.world_tasks import TASK_FORMATS
 from ..errors import ConfigError
 
 METHODS = ("full", "lora", "dora", "qlora", "freeze", "bitfit", "prompt_tuning", "p_tuning", "prefix_tuning")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TASKS = (*TASK_FORMATS, "pretrain")  # data.task: the synthetic world's tasks, or its pretraining corpus
 
 
 @dataclass
@@ -27,8 +31,9 @@ class DataConfig:
     """Where examples come from and how they become token sequences.
 
     Either `task` (a synthetic-world task generated in memory: cloze, qa, dialogue, classify,
-    data2text, arith, or `pretrain` for the plain-text corpus) or `train_file` (Alpaca, ShareGPT,
-    OpenAI messages or {"text"} records, JSON or JSONL).
+    data2text, skills, or `pretrain` for the plain-text corpus) or `train_file` (Alpaca, ShareGPT,
+    OpenAI messages or {"text"} records, JSON or JSONL). Evaluation uses `eval_file`, else the
+    task's `eval_split`; with neither there is no evaluation.
     """
 
     task: Optional[str] = None
@@ -101,6 +106,14 @@ class TrainConfig:
                               "(a fresh model)")
         if self.data.task is None and self.data.train_file is None:
             raise ConfigError(f"{source}: field 'data': give 'task' or 'train_file'")
+        if self.data.task is not None and self.data.task not in TASKS:
+            raise ConfigError(f"{source}: field 'data.task': '{self.data.task}' is not one of {', '.join(TASKS)}")
+        if self.data.eval_split not in ("train", "validation", "test"):
+            raise ConfigError(f"{source}: field 'data.eval_split': '{self.data.eval_split}' is not one of "
+                              "train, validation, test")
+        if self.save_dtype is not None and (self.save_dtype not in DTYPES or self.method != "full"):
+            raise ConfigError(f"{source}: field 'save_dtype': '{self.save_dtype}' needs method 'full' (the exported "
+                              f"checkpoint's dtype) and one of {', '.join(DTYPES)}")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: field '{name}' must be >= 1, got {getattr(self, name)}")
@@ -187,7 +200,6 @@ def load_train_config(path: Optional[str] = None, overrides: Optional[List[str]]
             raise ConfigError(f"{p}: expected a mapping at the top level")
         d.update(loaded)
     d = apply_overrides(d, overrides or [], source)
-    check_keys(TrainConfig, d, source)
     cfg = from_dict(TrainConfig, d, source)
     cfg.validate(source)
     return cfg

@@ -69,7 +69,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .config import TrainConfig
+from .config import DTYPES, TrainConfig
 
 BACKENDS = ("nccl", "gloo")
 
@@ -185,7 +185,7 @@ class DistributedRun:
                      else {"broadcast_buffers": False})
             return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **quiet)
         return shard_model(model, self.device, cfg.sharding == "full", self.mixed_precision_dtype(),
-                           _float_dtype(cfg))
+                           DTYPES[cfg.dtype])
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if self.mode == "ddp" else model
@@ -197,6 +197,12 @@ class DistributedRun:
     def all_reduce_sum(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         tdist.all_reduce(t)
+        return float(t.item())
+
+    def broadcast_float(self, value: float) -> float:
+        """Rank 0's `value` on every rank (a time limit must stop all ranks at the same step)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tdist.broadcast(t, src=0)
         return float(t.item())
 
     def barrier(self) -> None:
@@ -286,10 +292,6 @@ class DistributedRun:
 # --- FSDP ---------------------------------------------------------------------------------------
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _float_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
 def shard_units(model: nn.Module):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..data.collate import Collator, encode_example, encode_prompt, reference_answer
 from ..data.match import exact_match
-from ..models.generation import generate
+from ..models.generation import generate, left_pad
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -53,7 +53,9 @@ def evaluate_loss(model: nn.Module, tokenizer, examples: Sequence[Any], template
         total += float(s)
         count += n
     model.train(was_training)
-    loss = total / max(count, 1)
+    if count == 0:  # nothing was scored (every answer truncated away): no loss, rather than 0
+        return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
+    loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
 
@@ -68,13 +70,7 @@ def generate_answers(model: nn.Module, tokenizer, examples: Sequence[Any], templ
     prompts = [encode_prompt(tokenizer, ex, template=template) for ex in examples]
     out: List[str] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, T - len(p):] = torch.tensor(p)
-            mask[r, T - len(p):] = 1
+        ids, mask = left_pad(prompts[i:i + batch_size], tokenizer.pad_id)
         with _autocast(device, autocast_dtype):
             new = generate(model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .config import TrainConfig
+from .config import DTYPES, TrainConfig
 
 
 def export_final(res, cfg: TrainConfig) -> Path:
@@ -15,7 +13,7 @@ def export_final(res, cfg: TrainConfig) -> Path:
         from ..models import save_pretrained
 
         out = Path(cfg.export_dir) if cfg.export_dir else res.run_dir / "model"
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(cfg.save_dtype or "")
+        dtype = DTYPES.get(cfg.save_dtype or "")
         save_pretrained(res.model, out, tokenizer=res.tokenizer, dtype=dtype)
         return out
     from ..tuners.io import save_adapter

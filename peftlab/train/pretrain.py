@@ -21,6 +21,8 @@ import torch
 
 from ..data.formats import Example
 from ..data.match import exact_match
+from ..errors import ConfigError
+from ..fileio import atomic_write
 
 VALIDATION_EVERY = 50
 
@@ -35,26 +37,21 @@ def pretrain_corpus(seed: int = 0, split: str = "train") -> List[Example]:
     elif split in ("validation", "test"):
         keep = docs[::VALIDATION_EVERY]
     else:
-        raise ValueError(f"unknown split {split!r} for the pretraining corpus (train, validation)")
+        raise ConfigError(f"unknown split {split!r} for the pretraining corpus (train, validation, test)")
     return [Example(text=d) for d in keep]
 
 
 @torch.no_grad()
 def cloze_accuracy(model, tokenizer, probes: List[Dict], batch_size: int = 64, max_new_tokens: int = 8) -> Dict:
     """Greedy continuation of each probe prompt, cut at the first '.', scored by exact match."""
-    from ..models.generation import generate
+    from ..models.generation import generate, left_pad
 
     device = next(model.parameters()).device
     model.eval()
     per_rel = defaultdict(list)
     for i in range(0, len(probes), batch_size):
         chunk = probes[i:i + batch_size]
-        prompts = [tokenizer.encode(p["prompt"], bos=True) for p in chunk]
-        T = max(map(len, prompts))
-        ids = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p), 1
+        ids, mask = left_pad([tokenizer.encode(p["prompt"], bos=True) for p in chunk], tokenizer.pad_id)
         out = generate(model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         for p, row in zip(chunk, out.tolist()):
@@ -100,7 +97,7 @@ def pretrain(config_path: str, overrides: Optional[List[str]] = None, results_di
     cfg = load_train_config(config_path, overrides)
     if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
         print(f"[pretrain] training the tokenizer -> {cfg.tokenizer}")
-        train_tokenizer(cfg.tokenizer, vocab_size=int(cfg.model_config.get("vocab_size", 2048)), seed=cfg.data.world_seed)
+        train_tokenizer(cfg.tokenizer, vocab_size=int((cfg.model_config or {}).get("vocab_size", 2048)), seed=cfg.data.world_seed)
     t0 = time.time()
     res = train(cfg)
     out = export_final(res, cfg)
@@ -121,7 +118,8 @@ def pretrain(config_path: str, overrides: Optional[List[str]] = None, results_di
     }
     rdir = Path(results_dir)
     rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / f"pretrain_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_write(rdir / f"pretrain_{name}.json", "w") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     plot_curve(res.run_dir / "metrics.jsonl", rdir / f"pretrain_{name}.png", f"pretraining {name}")
     print(f"[pretrain] {name}: {summary['parameters']:,} params, validation ppl {val['ppl']:.3f}, "
           f"held-out cloze accuracy {held['accuracy']:.3f}, pretraining-template cloze {seen['accuracy']:.3f}")

@@ -7,13 +7,20 @@
         θ    = AdamW(θ, g, lr_t)                         only parameters with requires_grad
         every eval_every: loss, perplexity, exact-match accuracy;  every save_every: checkpoint
 
+AdamW is Loshchilov & Hutter 2019 (arXiv 1711.05101, Algorithm 2: decoupled weight decay); the
+cosine schedule is SGDR's (Loshchilov & Hutter 2017, arXiv 1608.03983, eq. 5) without restarts,
+lr_t = lr · (m + (1 - m) · (1 + cos(π · progress)) / 2) with m = min_lr_ratio.
+
 The loss is normalised by the number of target tokens in the whole optimizer step (all
 micro-batches, all ranks), so accumulation and data parallelism reproduce the large-batch step.
 A non-finite loss stops the run with `TrainingError` before anything is written, leaving the
-last good checkpoint intact. Metrics go to `run_dir/metrics.jsonl`.
+last good checkpoint intact. Metrics go to `run_dir/metrics.jsonl`; a resumed run drops the rows
+of the steps after its checkpoint and logs them again. With `max_minutes` the run stops after
+the step that passes the limit (and saves a checkpoint there when `save_every` is set).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +35,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..fileio import atomic_write, write_json
 from .batches import StepSampler
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, to_yaml
+from .config import DTYPES, TrainConfig, to_yaml
 from .evaluate import _autocast, evaluate_accuracy, evaluate_loss, token_loss_sum
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -47,7 +54,10 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{spec}' requested but CUDA is not available")
-    return torch.device(spec)
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device '{spec}' is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -64,16 +74,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # --- building blocks --------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, device: torch.device):
     """The base model and tokenizer: loaded from a checkpoint, or fresh from `model_config`."""
     from ..models import LlamaConfig, LlamaForCausalLM, load_pretrained
     from ..tokenizer import Tokenizer
 
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     if cfg.model is not None:
         path = resolve_model_path(cfg.model)
         model, tok = load_pretrained(path, dtype=dtype, device=device, quantize=cfg.quantize)
@@ -90,12 +97,15 @@ def build_model(cfg: TrainConfig, device: torch.device):
         tok = Tokenizer.load(cfg.tokenizer)
     if tok is None:
         raise ConfigError(f"config: no tokenizer.model in '{cfg.model}' and no 'tokenizer' given")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"config: tokenizer {tok.source} has {tok.vocab_size} tokens but the model's embedding "
+                          f"has {model.config.vocab_size} rows (vocab_size); ids past it cannot be embedded")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tok
 
 
-def method_config(cfg: TrainConfig, tokenizer=None):
+def method_config(cfg: TrainConfig):
     """The PEFT config object for `cfg.method` built from `cfg.peft` (None for full fine-tuning)."""
     from ..configs import from_dict
 
@@ -121,7 +131,7 @@ def apply_method(model: nn.Module, cfg: TrainConfig, tokenizer=None) -> nn.Modul
 
     if cfg.method == "qlora" and cfg.quantize is None:
         raise ConfigError("config: method 'qlora' needs 'quantize: nf4' (or fp4)")
-    pc = method_config(cfg, tokenizer)
+    pc = method_config(cfg)
     if pc is None:
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())
@@ -163,23 +173,27 @@ def load_examples(cfg: TrainConfig, split: str):
 
         return pretrain_corpus(d.world_seed, "train" if split == "train" else "validation")
     if split == "train":
-        if d.train_file:
-            return list(load_dataset(d.train_file, format=d.format, skip_invalid=d.skip_invalid))
+        if d.train_file:  # a list that carries the file's LoadReport (`.report`)
+            return load_dataset(d.train_file, format=d.format, skip_invalid=d.skip_invalid)
         return list(load_task(d.task, "train", seed=d.world_seed))
     if d.eval_file:
-        return list(load_dataset(d.eval_file, format=d.format, skip_invalid=d.skip_invalid))
+        return load_dataset(d.eval_file, format=d.format, skip_invalid=d.skip_invalid)
     if d.task:
         return list(load_task(d.task, d.eval_split, seed=d.world_seed))
     return []
 
 
 def encode_all(examples, tokenizer, cfg: TrainConfig) -> List[Dict[str, List[int]]]:
-    from ..data.collate import encode_example, pack_examples
+    """Token features of `examples`; examples that truncation leaves without a trained token are
+    counted in a warning (TokenizedDataset.from_examples)."""
+    from ..data.collate import TokenizedDataset
 
     d = cfg.data
     if d.packing:  # documents are cut into max_length chunks, so none is truncated first
-        return pack_examples([encode_example(tokenizer, ex, template=d.template) for ex in examples], d.max_length)
-    return [encode_example(tokenizer, ex, template=d.template, max_length=d.max_length) for ex in examples]
+        ds = TokenizedDataset.from_examples(tokenizer, examples, d.template, pack_to=d.max_length)
+    else:
+        ds = TokenizedDataset.from_examples(tokenizer, examples, d.template, max_length=d.max_length)
+    return ds.features
 
 
 class MetricsLog:
@@ -192,6 +206,25 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep only the rows of steps <= `step` (none for 0): a resumed run re-runs the steps after
+        its checkpoint and logs them again. A line cut short by a kill is dropped too."""
+        if not self.path.exists():
+            return
+        if step == 0:
+            self.path.unlink()
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line + "\n")
+        with atomic_write(self.path, "w") as f:
+            f.writelines(keep)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -229,12 +262,20 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
 
             log(f"[peftlab] {format_quantization_report(model)}")
     train_examples = load_examples(cfg, "train")
+    eval_examples = load_examples(cfg, "eval")
+    skipped = [r.summary() for r in (getattr(train_examples, "report", None), getattr(eval_examples, "report", None))
+               if r is not None and r.n_skipped]
+    for line in skipped if is_main else []:
+        log(f"[peftlab] skip_invalid: {line}")
     if cfg.data.max_train_examples:
         train_examples = train_examples[: cfg.data.max_train_examples]
-    eval_examples = load_examples(cfg, "eval")
     if cfg.data.max_eval_examples:
         eval_examples = eval_examples[: cfg.data.max_eval_examples]
     encoded = encode_all(train_examples, tok, cfg)
+    targets = torch.tensor([sum(1 for t in e["labels"][1:] if t != -100) for e in encoded])
+    if int(targets.sum()) == 0:
+        raise ConfigError(f"config: no training example keeps a trained token within data.max_length="
+                          f"{cfg.data.max_length}; raise max_length")
     eval_encoded = encode_all(eval_examples, tok, cfg) if eval_examples else []
     if dist is not None:
         model = dist.wrap(model, cfg)
@@ -249,21 +290,33 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
 
     start = 0
     resumed = None
+    tokens_before = 0  # tokens (all ranks) of the steps before `start`
     if cfg.resume:
         ck = dist.latest_checkpoint(run_dir) if dist else latest_checkpoint(run_dir)
         if ck is not None:
             state = dist.load_checkpoint(ck, model, optimizer) if dist else load_checkpoint(ck, model, optimizer)
             start, resumed = int(state["step"]), ck
+            tokens_before = int(state.get("tokens_seen", 0))
             if is_main:
                 log(f"[peftlab] resumed from {ck} at step {start}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
-    if start == 0 and is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    if is_main:
+        metrics.truncate(start)  # rows of steps after the checkpoint are about to be run again
 
     params = [p for p in model.parameters() if p.requires_grad]
-    targets = torch.tensor([sum(1 for t in e["labels"][1:] if t != -100) for e in encoded])
     losses: List[float] = []
-    tokens_seen = 0
+    tokens_seen = 0  # this rank's, since `start`
+
+    def tokens_total() -> int:  # collective under torchrun
+        return tokens_before + (int(dist.all_reduce_sum(tokens_seen)) if dist else tokens_seen)
+
+    def save(step: int) -> None:
+        extra = {"tokens_seen": tokens_total(), "method": cfg.method}
+        if dist:
+            dist.save_checkpoint(run_dir, step, model, optimizer, extra, cfg.keep_checkpoints)
+        else:
+            save_checkpoint(run_dir, step, model, optimizer, extra, cfg.keep_checkpoints)
+
     t0 = time.time()
     bar = None
     if cfg.progress and is_main:
@@ -280,7 +333,7 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
         for k, idx in enumerate(micro):
             batch = collate([encoded[i] for i in idx])
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            sync = dist.no_sync(model) if (dist and k < len(micro) - 1) else _nullcontext()
+            sync = dist.no_sync(model) if (dist and k < len(micro) - 1) else contextlib.nullcontext()
             with sync:
                 with _autocast(device, autocast_dtype):
                     logits = model(ids)
@@ -305,38 +358,42 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
         if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            tokens = int(dist.all_reduce_sum(tokens_seen)) if dist else tokens_seen
+            tokens = tokens_total()
             metrics.write({"step": done, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm, "epoch": round(sampler.epoch_of(done), 4),
                            "tokens": tokens, "time": round(time.time() - t0, 3)})
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps and eval_examples:
             ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
             metrics.write({"step": done, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
-        out_of_time = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+        out_of_time = False
+        if cfg.max_minutes is not None and done != cfg.max_steps:
+            elapsed = time.time() - t0
+            if dist:  # rank 0's clock, so that every rank stops after the same step
+                elapsed = dist.broadcast_float(elapsed)
+            out_of_time = elapsed > 60 * cfg.max_minutes
         if out_of_time:
             if is_main:
                 log(f"[peftlab] max_minutes={cfg.max_minutes} reached after step {done}; stopping early")
             metrics.write({"step": done, "stopped_early": True, "reason": "max_minutes"})
+            if cfg.save_every:  # resumable from here
+                save(done)
             break
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-            extra = {"tokens_seen": tokens_seen, "method": cfg.method}
-            if dist:
-                dist.save_checkpoint(run_dir, done, model, optimizer, extra, cfg.keep_checkpoints)
-            else:
-                save_checkpoint(run_dir, done, model, optimizer, extra, cfg.keep_checkpoints)
+            save(done)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
+    steps = start + len(losses)
     ev: Dict[str, Any] = {}
     if eval_examples:
         ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
-        metrics.write({"step": cfg.max_steps, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
+        metrics.write({"step": steps, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
     if is_main:
-        write_json(run_dir / "summary.json", {"steps": len(losses) + start, "final_loss": losses[-1] if losses else None,
+        write_json(run_dir / "summary.json", {"steps": steps, "final_loss": losses[-1] if losses else None,
                                               "train_seconds": round(seconds, 2), "resumed_from": str(resumed) if resumed else None,
-                                              "eval": {k: v for k, v in ev.items()}})
+                                              "skipped_records": skipped, "eval": {k: v for k, v in ev.items()}})
     final = dist.unwrap(model) if dist else model
-    return RunResult(run_dir, final, tok, losses, ev, cfg.max_steps, seconds)
+    return RunResult(run_dir, final, tok, losses, ev, steps, seconds)
 
 
 def run_eval(model, tok, examples, encoded, cfg, device, autocast_dtype, dist=None) -> Dict[str, Any]:
@@ -363,12 +420,4 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
         return None
     if cfg.autocast == "auto":
         return torch.bfloat16 if device.type == "cuda" and cfg.dtype == "float32" else None
-    return _DTYPES[cfg.autocast]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return DTYPES[cfg.autocast]

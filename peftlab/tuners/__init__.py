@@ -77,18 +77,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def trainable_parameters_report(model: nn.Module) -> str:
     """'trainable params: N || all params: M || trainable%: p' (shared tensors counted once).
 
-    Packed 4-bit weights (a Linear4bit keeps them as a uint8 buffer) count as the number of weights
-    they hold, in_features * out_features (or the layer's `quantized_numel`), not as bytes.
+    Packed 4-bit weights (a Linear4bit keeps them as a uint8 buffer, or as a frozen float
+    parameter for FSDP) count as the number of weights they hold, not as their storage elements.
     """
-    seen, total, trainable = set(), 0, 0
+    from .lora_layers import is_quantized
+
+    packed = {id(m.weight): m.quant_state.numel for m in model.modules()
+              if is_quantized(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    seen, total, trainable = set(packed), sum(packed.values()), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() if p.is_floating_point() else 0
             trainable += p.numel() if p.requires_grad else 0
-    for m in model.modules():  # 4-bit layers: weights held packed in non-float storage
-        w = getattr(m, "weight", None)
-        if callable(getattr(m, "dequantize", None)) and isinstance(w, torch.Tensor) and not w.is_floating_point():
-            total += getattr(m, "quantized_numel", m.in_features * m.out_features)
     pct = 100.0 * trainable / max(total, 1)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"

@@ -54,6 +54,9 @@ class FreezeConfig:
         if not (tm == "all" or (isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) and t for t in tm))):
             raise ConfigError(f"FreezeConfig: field 'trainable_modules' must be 'all' or a non-empty list of "
                               f"module names, got {tm!r}")
+        em = self.extra_modules
+        if not (isinstance(em, (list, tuple)) and all(isinstance(t, str) and t for t in em)):
+            raise ConfigError(f"FreezeConfig: field 'extra_modules' must be a list of module names, got {em!r}")
         if self.trainable_layers == 0 and not self.extra_modules:
             raise ConfigError("FreezeConfig: trainable_layers = 0 and no extra_modules: nothing would train")
 

@@ -226,7 +226,9 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
 
 
 def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> None:
-    """Activate one adapter (or several, whose outputs add); only the active ones train."""
+    """Activate one adapter (or several, whose outputs add); only the active ones train.
+
+    A layer whose merged adapters are not exactly the new active set is unmerged first (exact)."""
     configs = _lora_configs(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     unknown = [n for n in names if n not in configs]
@@ -302,9 +304,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model alone inside the block (merged adapters are unmerged first).
+    """Run the base model alone inside the block.
 
-    Biases trained with bias="all"/"lora_only" are part of the base layers and stay as trained.
+    A merged layer that runs inside the block is unmerged (exactly) and stays unmerged afterwards;
+    its adapters then run unmerged, so outputs after the block are unchanged. Biases trained with
+    bias="all"/"lora_only" are part of the base layers and stay as trained.
     """
     mods = [m for _, m in lora_layers(model)] + [m for _, m in _mts_layers(model)]
     before = [m.disabled for m in mods]

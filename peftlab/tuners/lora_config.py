@@ -82,8 +82,9 @@ class LoraConfig:
             raise ConfigError(f"{source}: field 'r' must be a positive integer, got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ConfigError(f"{source}: field 'lora_alpha' must be a positive number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"{source}: field 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ConfigError(f"{source}: field 'lora_dropout' must be a number in [0, 1), got {d!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"{source}: field 'bias' must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.fan_in_fan_out:
@@ -108,6 +109,14 @@ class LoraConfig:
                 raise ConfigError(f"{source}: field '{name}' must be a list of module names or a regex string")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ConfigError(f"{source}: field 'target_modules' is an empty list")
+        lt = self.layers_to_transform
+        if lt is not None and not (_is_index(lt) or (isinstance(lt, (list, tuple)) and all(map(_is_index, lt)))):
+            raise ConfigError(f"{source}: field 'layers_to_transform' must be a layer index or a list of "
+                              f"indices (integers >= 0), got {lt!r}")
+        lp = self.layers_pattern
+        if lp is not None and not (isinstance(lp, str) and lp or
+                                   isinstance(lp, (list, tuple)) and all(isinstance(t, str) and t for t in lp)):
+            raise ConfigError(f"{source}: field 'layers_pattern' must be a name or a list of names, got {lp!r}")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError(f"{source}: field 'layers_to_transform' needs target_modules as a list "
                               "(with a regex, put the layer indices in the regex)")
@@ -141,6 +150,10 @@ class LoraConfig:
         d.update(peft_type=self.peft_type, inference_mode=True, rank_pattern={}, alpha_pattern={},
                  lora_bias=False, layer_replication=None, use_qalora=False)
         return d
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _is_off(value: Any) -> bool:

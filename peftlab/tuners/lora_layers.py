@@ -154,9 +154,19 @@ class LoraLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: List[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.r]
+        """Activate `names` (those this layer holds). Merged adapters are unmerged first unless they
+        are exactly the new active set (as HF PEFT's set_adapter does): a merged adapter that is no
+        longer active must leave the weight, one that stays merged must not run twice."""
+        active = [n for n in names if n in self.r]
+        if self.merged_adapters and set(self.merged_adapters) != set(active):
+            self.unmerge()
+        self.active_adapters = active
 
     def _pending(self) -> List[str]:
+        """Active adapters that are not merged (the forward adds them); refuses mixed states."""
+        inactive = [a for a in self.merged_adapters if a not in self.active_adapters]
+        if inactive:
+            raise AdapterError(f"adapters {inactive} are merged into the weight but not active; unmerge first")
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if pending and self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are merged while {pending} are active and "
@@ -396,12 +406,12 @@ class LoraEmbedding(LoraLayer):
             self.unmerge()
             return self.base_layer(x)
         result = self.base_layer(x)
-        base = self.base_layer
+        base, out_dtype = self.base_layer, result.dtype
         for a in self._pending():
             after_A = F.embedding(x, self.lora_embedding_A[a].T, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)
             result = result + (after_A @ self.lora_embedding_B[a].T) * self.scaling[a]
-        return result
+        return result.to(out_dtype)  # float32 adapters on a bf16 table: hidden states stay bf16
 
 
 # --- modules_to_save --------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..models.llama import KVCache
 from .prompt import (PromptLearningConfig, PromptTable, VirtualTokenModel, adapter_state_dict, check_base,  # noqa: F401
-                     load_adapter_state_dict, peft_dict_to_config)
+                     check_adapter_fits, load_adapter_state_dict, peft_dict_to_config)
 
 DEFAULT_PROJECTION_HIDDEN = 512
 
@@ -84,6 +84,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     def model_dims(self, c) -> Dict[str, int]:
         return {"token_dim": c.num_key_value_heads * c.head_dim, "num_layers": c.num_hidden_layers,
                 "num_attention_heads": c.num_key_value_heads}
+
+    def folded_width(self) -> int:
+        return self.num_layers * 2 * self.token_dim
 
 
 def config_from_peft_dict(d, source: str) -> PrefixTuningConfig:

@@ -115,6 +115,10 @@ class PromptLearningConfig:
                                    f"heads={model_config.num_attention_heads}/{model_config.num_key_value_heads})")
         return dataclasses.replace(self, **dims)
 
+    def folded_width(self) -> int:
+        """Width of one row of the folded prompt a file stores (resolved configs only)."""
+        return self.token_dim
+
     def to_peft_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._NOT_SAVED}
         d.update(peft_type=self.peft_type, inference_mode=True, modules_to_save=None)
@@ -323,20 +327,9 @@ class VirtualTokenModel(nn.Module):
         return {PROMPT_KEY: self.folded_prompt().to("cpu")}
 
     def load_folded(self, sd: Dict[str, torch.Tensor], source: str) -> None:
-        extra = sorted(set(sd) - {PROMPT_KEY})
-        if extra:
-            raise AdapterError(f"{source}: unexpected tensor(s) {', '.join(extra)}; a "
-                               f"{self.active_config.peft_type} adapter holds only '{PROMPT_KEY}'")
-        if PROMPT_KEY not in sd:
-            raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' not found")
-        t = sd[PROMPT_KEY]
         self.fold()
         table = self.prompt_encoder[self.active_adapter].embedding.weight
-        if tuple(t.shape) != tuple(table.shape):
-            raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' has shape {tuple(t.shape)}, the config and "
-                               f"model imply {tuple(table.shape)}")
-        if not t.is_floating_point():
-            raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' has dtype {t.dtype}, expected a float type")
+        t = check_folded(sd, tuple(table.shape), self.active_config.peft_type, source)
         with torch.no_grad():
             table.copy_(t.to(table.device, table.dtype))
 
@@ -483,6 +476,30 @@ def initial_prompt(config: PromptTuningConfig, model: nn.Module) -> torch.Tensor
 
 
 # --- hooks (see tuners/__init__.py) ---------------------------------------------------------
+def check_folded(sd: Dict[str, torch.Tensor], shape: tuple, peft_type: str, source: str) -> torch.Tensor:
+    """The file's only tensor, `prompt_embeddings`, checked against the [N, width] the config implies."""
+    extra = sorted(set(sd) - {PROMPT_KEY})
+    if extra:
+        raise AdapterError(f"{source}: unexpected tensor(s) {', '.join(extra)}; a {peft_type} adapter holds "
+                           f"only '{PROMPT_KEY}'")
+    if PROMPT_KEY not in sd:
+        raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' not found")
+    t = sd[PROMPT_KEY]
+    if tuple(t.shape) != tuple(shape):
+        raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' has shape {tuple(t.shape)}, the config and model "
+                           f"imply {tuple(shape)}")
+    if not t.is_floating_point():
+        raise AdapterError(f"{source}: tensor '{PROMPT_KEY}' has dtype {t.dtype}, expected a float type")
+    return t
+
+
+def check_adapter_fits(model: nn.Module, config, sd: Dict[str, torch.Tensor], source: str) -> None:
+    """Before the base model is wrapped (and frozen): the file's prompt fits this model and config."""
+    check_base(model, config)
+    cfg = config.resolved(model.config, source)
+    check_folded(sd, (cfg.num_virtual_tokens, cfg.folded_width()), cfg.peft_type, source)
+
+
 def check_base(model: nn.Module, config) -> None:
     if isinstance(model, VirtualTokenModel):
         raise AdapterError(f"{config.peft_type}: the model already carries a {model.active_config.peft_type} "
