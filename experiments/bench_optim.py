@@ -194,6 +194,34 @@ def bench_resident(args, device):
                        "target <= 1.10")
 
 
+def bench_resident_tiles(args, device):
+    """The 32-bit kernel's tile (elements per program, warps) on the 100M-parameter case: wall
+    ms/step, and the host's share (time to enqueue one step, no sync)."""
+    if device.type != "cuda" or args.smoke:
+        record("resident tiles", "-", "skipped", "", "", "needs CUDA")
+        return
+    import peftlab.kernels.adamw as kadam
+
+    default = (kadam.BLOCK32, kadam.WARPS32)
+    try:
+        for block, warps in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+            kadam.BLOCK32, kadam.WARPS32 = block, warps
+            ps = make_params(device, 24, (2048, 2048))
+            opt = PagedAdamW(ps, lr=1e-4, gpu_budget_bytes=1 << 50)
+            wall = time_steps(opt, device, 30)
+            t = time.perf_counter()
+            for _ in range(10):
+                opt.step()
+            host = (time.perf_counter() - t) / 10
+            sync(device)
+            record("resident tiles", f"BLOCK32={block} warps={warps}", "PagedAdamW resident",
+                   round(wall * 1e3, 3), "ms/step", f"host enqueue {host * 1e3:.3f} ms/step")
+            opt = ps = None
+            free_memory()
+    finally:
+        kadam.BLOCK32, kadam.WARPS32 = default
+
+
 # ----------------------------------------------------------------------------- 4. correctness
 def bench_correctness(args, device):
     shapes = [(1,), (7,), (1000,), (33, 17), (4096, 3), (70000,), (5, 4)]
@@ -326,6 +354,7 @@ def main(argv=None):
     sections: List[tuple] = [("bandwidth", lambda: bench_bandwidth(args, device))]
     sections += [("paged", lambda: bench_paged(args, device, bw)),
                  ("resident", lambda: bench_resident(args, device)),
+                 ("resident tiles", lambda: bench_resident_tiles(args, device)),
                  ("correctness", lambda: bench_correctness(args, device)),
                  ("capped", lambda: bench_capped(args, device))]
     for sec_name, fn in sections:

@@ -7,8 +7,9 @@ does that for ``x [..., K]``, ``W [N, K]`` stored as ``packed`` uint8 ``[(N*K+1)
 ``[..., N]`` is in x's dtype (the compute dtype: bfloat16, float16 or float32).
 
 Dispatch: on CUDA the Triton kernels of ``matmul4bit_kernels.py`` (the weight is decoded tile by
-tile inside the kernel; the full-precision W never exists in memory): a tiled tensor-core GEMM,
-with split-K when M = prod(x.shape[:-1]) is small, and the PRMT decoder of ``decode4bit.py``
+tile inside the kernel; the full-precision W never exists in memory): for M = prod(x.shape[:-1])
+<= GEMV_MAX_M a CUDA-core GEMV (split-K, tile picked by timing on first use per shape), else a
+tiled tensor-core GEMM (split-K when M is small); both use the PRMT decoder of ``decode4bit.py``
 once it has passed its on-device check (``decoder="table"`` or ``PEFTLAB_4BIT_DECODER=table``
 forces the portable one). Elsewhere the reference twin: ``dequantize_4bit`` to x's dtype, then
 ``F.linear``. ``impl="triton"`` forces the kernels (tests run them on the CPU under
@@ -37,6 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 import triton
+import triton.testing
 
 from peftlab.errors import QuantError
 from peftlab.quant.functional import dequantize_4bit, dequantize_4bit_reference
@@ -44,9 +46,15 @@ from peftlab.quant.state import QuantState
 
 from .decode4bit import planes, prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
-                                 _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned)
+                                 _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
 
 MAX_SPLIT = 32
+GEMV_MAX_M = 8          # rows of x up to which the CUDA-core GEMV kernel runs (fast layout only)
+# GEMV tiles: (BN rows of W, BK elements of K per step, warps, programs per SM wanted); on CUDA
+# the fastest per (M bucket, N, K, blocksize, nesting, dtype, decoder) is picked by timing
+GEMV_CONFIGS = [(16, 512, 4, 8), (32, 256, 4, 8), (32, 512, 4, 4), (64, 256, 8, 4),
+                (8, 1024, 4, 8), (16, 1024, 8, 4), (16, 256, 4, 16), (32, 512, 8, 8)]
+_GEMV_BEST: Dict[Tuple, tuple] = {}
 IMPLS = ("auto", "triton", "reference")
 DECODERS = ("auto", "prmt", "table")
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -262,6 +270,9 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
         raise QuantError(f"matmul_4bit: bias has {bias.numel()} values, expected {N}")
     bias_t = bias.contiguous() if bias is not None else out
     mb = _m_bucket(M)
+    if q.fast and (config is None and M <= GEMV_MAX_M or isinstance(config, tuple)):
+        _gemv(x, q, bias, out, M, N, K, config, split_k, _use_prmt(x, q.fast, decoder))
+        return out
     cfgs = _bucket_configs(_FWD_BUCKETS, mb) if config is None else [config]
     target, steps = 4 * _num_sms(x.device), _cdiv(K, q.bk)
 
@@ -281,6 +292,47 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     _launch(_mm4_fwd_kernel, _mm4_fwd_tuned, grid, args, consts, config,
             _bucket_configs(_FWD_BUCKETS, mb))
     return out
+
+
+def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None:
+    """Launch ``_mm4_gemv_kernel`` (x [M <= GEMV_MAX_M, K], fast layout) with tile ``config`` =
+    (BN, BK, warps, programs per SM), or the fastest of GEMV_CONFIGS on this shape (timed once
+    on CUDA; the interpreter takes a small fixed tile)."""
+    bm = max(1, 1 << (M - 1).bit_length())
+    # the fp32 table for float32 x (exact codes; this path has no TF32 dot)
+    table, tab = _tables(q.code, x.dtype) if x.dtype != torch.float32 else (q.code, q.code)
+    bias_t = bias.contiguous() if bias is not None else out
+
+    def launch(cfg):
+        bn, bk, warps, per_sm = cfg
+        wpb = min(q.bs, bk) // 8
+        nbk = max(1, bk // q.bs)
+        tiles, steps = _cdiv(N, bn), _cdiv(K, bk)
+        s = split_k or max(1, min(steps, MAX_SPLIT, _cdiv(per_sm * _num_sms(x.device), tiles)))
+        s = _cdiv(steps, _cdiv(steps, s))                      # no empty split
+        _mm4_gemv_kernel[(tiles, s)](
+            x, q.weight, table, tab, q.absmax, q.am2, q.code2, q.off, bias_t, out,
+            _workspace(s, M, N, x.device), _counters(x.device, tiles), M, N, K, K // 8,
+            K // q.bs, x.stride(0), out.stride(0), bm, BS=q.bs, BS2=q.bs2, NESTED=q.nested,
+            HAS_BIAS=bias is not None, USE_PRMT=use_prmt, BM=bm, BN=bn, NBK=nbk, WPB=wpb,
+            num_warps=warps)
+
+    if config is None and _interpreting():
+        config = (16, 128, 4, 1)
+    if config is None:
+        key = (bm, N, K, q.bs, q.nested, x.dtype, use_prmt, bias is not None, str(x.device))
+        config = _GEMV_BEST.get(key)
+        if config is None:
+            times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25)
+                     for c in GEMV_CONFIGS]
+            config = _GEMV_BEST[key] = GEMV_CONFIGS[min(range(len(times)), key=times.__getitem__)]
+    launch(config)
+
+
+def gemv_choice(M: int, N: int, K: int) -> Optional[tuple]:
+    """The GEMV tile picked by timing for this shape (the first match), or None."""
+    bm = max(1, 1 << (M - 1).bit_length())
+    return next((v for k, v in _GEMV_BEST.items() if k[:3] == (bm, N, K)), None)
 
 
 def matmul4bit_backward_input(grad_y: torch.Tensor, packed: torch.Tensor, code: torch.Tensor,

@@ -28,6 +28,10 @@ memory. Two kernels, both tiled around ``tl.dot`` (tensor cores, float32 accumul
     - large M (prefill, training): on the weight tile in the compute dtype (bf16 multiply, fp32
       for fp16) before the dot, so the accumulation stays a chain of wgmma; big tiles (128x128 to
       256x128) reuse each decoded weight tile for 128-256 rows of x (decode / MMA ~ 1 / BM).
+* ``_mm4_gemv_kernel``, M <= 8 (decode) with the fast layout: no tensor cores. The decoded
+  codes stay de-interleaved (code j of every word), x is loaded de-interleaved to match, and the
+  products are reduced in float32 registers (derivation in its docstring); the next K step's
+  words are loaded before this step's decode. Split-K as below.
 * ``_mm4_bwd_kernel``: ``grad_x [M, K] = grad_y [M, N] @ W [N, K]``; the same decoded tile, now
   reduced over N (rows of W, each with its own absmax, scaled per element), output [BM, BK].
 
@@ -75,13 +79,18 @@ def _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, blk, mask,
 
 
 @triton.jit
-def _fast_tile(w32_ptr, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, rows, rmask, q0, KQ,
-               BN: tl.constexpr, BK: tl.constexpr, USE_PRMT: tl.constexpr):
-    """Codes (unscaled) of W[rows, 8*q0 : 8*q0+BK] [BN, BK] in the table's dtype; the weight is
-    read as int32 words, KQ = K / 8 per row (K % 32 == 0)."""
+def _fast_words(w32_ptr, rows, rmask, q0, KQ, BK: tl.constexpr):
+    """The int32 words [BN, BK/8] of W[rows, 8*q0 : 8*q0+BK] (KQ = K / 8 words per row)."""
     qj = q0 + tl.arange(0, BK // 8)
-    wd = tl.load(w32_ptr + rows.to(tl.int64)[:, None] * KQ + qj[None, :], mask=rmask[:, None],
-                 other=0)
+    return tl.load(w32_ptr + rows.to(tl.int64)[:, None] * KQ + qj[None, :], mask=rmask[:, None],
+                   other=0)
+
+
+@triton.jit
+def _fast_decode(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, BN: tl.constexpr,
+                 BK: tl.constexpr, USE_PRMT: tl.constexpr):
+    """Codes (unscaled) [BN, BK] in the table's dtype of the words ``wd`` [BN, BK/8], in memory
+    order."""
     v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
                                              USE_PRMT)
     return tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), (BN, BK))
@@ -171,11 +180,13 @@ def _mm4_fwd_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr,
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     t0, t1, t2, t3, t4, t5, t6, t7 = table_planes(tab_ptr)
     if FAST:
-        a_next = _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr,
-                               rows * KB + tl.where(k_lo < k_hi, k_lo, 0) // BS, rmask, NESTED,
-                               BS2)
+        k_first = tl.where(k_lo < k_hi, k_lo, 0)
+        a_next = _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, rows * KB + k_first // BS,
+                               rmask, NESTED, BS2)
+        wd_next = _fast_words(w_ptr, rows, rmask, k_first // 8, KQ, BK)
     else:
         a_next = tl.zeros([BN], dtype=tl.float32)
+        wd_next = tl.zeros([BN, BK // 8], dtype=tl.int32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k_it in tl.range(k_lo, k_hi, BK, num_stages=LOOP_STAGES):
         k0 = tl.multiple_of(k_it, BK)
@@ -183,11 +194,12 @@ def _mm4_fwd_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr,
         if FAST:
             xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None], other=0.0)
             a = a_next
+            wd = wd_next
             k_n = tl.where(k0 + BK < k_hi, k0 + BK, k0)      # next step (or this one again)
             a_next = _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, rows * KB + k_n // BS,
                                    rmask, NESTED, BS2)
-            w = _fast_tile(w_ptr, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, rows, rmask,
-                           k0 // 8, KQ, BN, BK, USE_PRMT)
+            wd_next = _fast_words(w_ptr, rows, rmask, k_n // 8, KQ, BK)   # in flight meanwhile
+            w = _fast_decode(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, BN, BK, USE_PRMT)
             if BM <= 32:                       # small M: scale the partial product
                 acc += _dot(xt, tl.trans(w), DOT_F32) * a[None, :]
             else:                              # large M: scale the tile, chain the dots
@@ -204,6 +216,91 @@ def _mm4_fwd_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr,
     mask = mmask[:, None] & rmask[None, :]
     _epilogue(acc, bias, y_ptr, offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :], ws_ptr,
               offs_m[:, None] * N + rows[None, :], mask, cnt_ptr, pid, pid_k, n_split, M * N)
+
+
+@triton.jit
+def _gemv_words(w32_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask, k0, K, KQ, KB,
+                BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
+                NBK: tl.constexpr, WPB: tl.constexpr):
+    """Packed words [BN, NBK, WPB] (int32, 8 codes each) of W[rows, k0 : k0 + 8*NBK*WPB] and the
+    absmax [BN, NBK] of each word group (one quantization block, or part of one); 0 past K."""
+    b = tl.arange(0, NBK)
+    wq = (k0 // 8 + b[:, None] * WPB + tl.arange(0, WPB)[None, :])          # [NBK, WPB] words
+    wmask = rmask[:, None, None] & (wq * 8 < K)[None, :, :]
+    wd = tl.load(w32_ptr + rows.to(tl.int64)[:, None, None] * KQ + wq[None, :, :], mask=wmask,
+                 other=0)
+    kb = (k0 + b * (WPB * 8)) // BS                                           # [NBK] block in row
+    amask = rmask[:, None] & (k0 + b * (WPB * 8) < K)[None, :]
+    a = _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, rows[:, None] * KB + kb[None, :],
+                      amask, NESTED, BS2)
+    return wd, a
+
+
+@triton.jit
+def _mm4_gemv_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr,
+                     bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KQ, KB, stride_xm, stride_ym,
+                     M_BUCKET,
+                     BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, USE_PRMT: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, NBK: tl.constexpr, WPB: tl.constexpr):
+    """Small-M path on CUDA cores: y tile [BM, BN] over one K range; grid (N tiles, splits).
+
+    Per step the program loads BN rows x 8*NBK*WPB weights as int32 words (16-byte vectors),
+    decodes each word into its 8 codes e_j (``decode8``: e_j of word w is W[n, k0 + 8w + j]) and,
+    instead of interleaving them back into memory order, loads x de-interleaved to match:
+    ``x_j[m, w] = x[m, k0 + 8w + j]``. The product is reduced in float32 registers,
+
+        part[m, n, b] = sum_j sum_w x_j[m, b, w] * e_j[n, b, w]       (codes of block b)
+        acc[m, n]    += sum_b part[m, n, b] * absmax[n, b]
+
+    so every weight costs its decode, one conversion and BM fused multiply-adds; no tensor-core
+    layout shuffle, no shared memory. The next step's words are loaded before this step's decode
+    (register double buffering), keeping two loads in flight per thread. Needs the fast layout
+    (K % B == 0, B >= 32): WPB = min(B, BK) / 8 words per block, NBK blocks per step.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    BK: tl.constexpr = 8 * NBK * WPB
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    offs_m = tl.arange(0, BM)
+    mmask = offs_m < M
+    per = tl.cdiv(tl.cdiv(K, BK), n_split) * BK
+    k_lo = pid_k * per
+    k_hi = tl.minimum(K, k_lo + per)
+    t0, t1, t2, t3, t4, t5, t6, t7 = table_planes(tab_ptr)
+    kpos = tl.arange(0, NBK)[:, None] * (WPB * 8) + tl.arange(0, WPB)[None, :] * 8   # word starts
+    xo = offs_m.to(tl.int64)[:, None, None, None] * stride_xm + kpos[None, None]  # [BM,1,NBK,WPB]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask, k_lo, K, KQ,
+                            KB, BS, BS2, NESTED, NBK, WPB)
+    for k0 in range(k_lo, k_hi, BK):
+        wd = wd_n
+        a = a_n
+        n_live = tl.where(k0 + BK < k_hi, N, 0)             # no prefetch past this split
+        wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rows < n_live,
+                                k0 + BK, K, KQ, KB, BS, BS2, NESTED, NBK, WPB)
+        xm = mmask[:, None, None, None] & (k0 + kpos < k_hi)[None, None]
+        e0, e1, e2, e3, e4, e5, e6, e7 = decode8(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                                                 USE_PRMT)
+        xp = x_ptr + k0 + xo
+        part = tl.load(xp, mask=xm, other=0.0).to(tl.float32) * e0.to(tl.float32)[None]
+        part += tl.load(xp + 1, mask=xm, other=0.0).to(tl.float32) * e1.to(tl.float32)[None]
+        part += tl.load(xp + 2, mask=xm, other=0.0).to(tl.float32) * e2.to(tl.float32)[None]
+        part += tl.load(xp + 3, mask=xm, other=0.0).to(tl.float32) * e3.to(tl.float32)[None]
+        part += tl.load(xp + 4, mask=xm, other=0.0).to(tl.float32) * e4.to(tl.float32)[None]
+        part += tl.load(xp + 5, mask=xm, other=0.0).to(tl.float32) * e5.to(tl.float32)[None]
+        part += tl.load(xp + 6, mask=xm, other=0.0).to(tl.float32) * e6.to(tl.float32)[None]
+        part += tl.load(xp + 7, mask=xm, other=0.0).to(tl.float32) * e7.to(tl.float32)[None]
+        acc += tl.sum(tl.sum(part, axis=3) * a[None], axis=2)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros([1, BN], dtype=tl.float32)
+    mask = mmask[:, None] & rmask[None, :]
+    _epilogue(acc, bias, y_ptr, offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :], ws_ptr,
+              offs_m[:, None] * N + rows[None, :], mask, cnt_ptr, pid_n, pid_k, n_split, M * N)
 
 
 @triton.jit
@@ -238,8 +335,8 @@ def _mm4_bwd_kernel(g_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr,
             nxt = rows + BN
             a_next = _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, nxt * KB + k0 // BS,
                                    nxt < N, NESTED, BS2)
-            w = _fast_tile(w_ptr, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, rows, rmask,
-                           k0 // 8, KQ, BN, BK, USE_PRMT)
+            w = _fast_decode(_fast_words(w_ptr, rows, rmask, k0 // 8, KQ, BK), code_ptr, t0, t1,
+                             t2, t3, t4, t5, t6, t7, BN, BK, USE_PRMT)
             acc = _dot(gt, _scaled(w, a, IS_BF16, DOT_F32), DOT_F32, acc)
         else:
             w = _general_tile(w_ptr, code_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask,

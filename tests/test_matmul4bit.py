@@ -105,9 +105,10 @@ def test_backward_input_matches_float64_oracle(M, N, K, bs, qt, dq, dtype, decod
     assert rel_err(gx, g.double().cpu() @ W) < TOL[dtype]
 
 
-def test_split_k_is_deterministic_and_resets_counters():
+@pytest.mark.parametrize("M", [17, 3])                     # tensor-core tile, GEMV
+def test_split_k_is_deterministic_and_resets_counters(M):
     packed, state, _ = make(96, 256)
-    x = torch.randn(17, 256, device=DEV, dtype=torch.float16)
+    x = torch.randn(M, 256, device=DEV, dtype=torch.float16)
     args = (packed, state.code, state.absmax, 96, 256, 64)
     one = mm.matmul4bit_forward(x, *args, split_k=1, **raw(state))
     three = mm.matmul4bit_forward(x, *args, split_k=3, **raw(state))
@@ -115,6 +116,27 @@ def test_split_k_is_deterministic_and_resets_counters():
     assert torch.equal(three, again)                       # fixed reduction order
     assert rel_err(three, one.float()) < 1e-3
     assert int(mm._counters(x.device, 1).abs().sum()) == 0  # left ready for the next call
+
+
+@pytest.mark.parametrize("M,N,K,bs,dtype,gemv_cfg", [
+    (1, 40, 512, 64, torch.bfloat16, (8, 256, 4, 1)),      # 4 blocks per step, 2 steps
+    (4, 33, 384, 128, torch.float16, (16, 512, 4, 1)),     # K not a multiple of BK: masked step
+    (8, 24, 256, 256, torch.float32, (16, 128, 4, 1)),     # a step is half a block; fp32 codes
+])
+def test_gemv_and_tensor_core_paths_agree_with_oracle(M, N, K, bs, dtype, gemv_cfg):
+    """Both small-M kernels on the same inputs (the GEMV config is a tuple, the tensor-core one
+    a dict), each against the float64 oracle, with bias and a poisoned output."""
+    packed, state, W = make(N, K, bs)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    bias = torch.randn(N, device=DEV).to(dtype)
+    ref = x.double().cpu() @ W.T + bias.double().cpu()
+    dot_cfg = mm._bucket_configs(mm._FWD_BUCKETS, 16)[0]
+    for cfg in (gemv_cfg, dot_cfg):
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        y = mm.matmul4bit_forward(x, packed, state.code, state.absmax, N, K, bs, bias=bias,
+                                  out=out, config=cfg, split_k=2, **raw(state))
+        assert rel_err(y, ref) < (1e-6 if dtype == torch.float32 and cfg is gemv_cfg
+                                  else TOL[dtype])        # the GEMV multiplies exact fp32 codes
 
 
 def test_auto_decoder_equals_table_decoder_bit_for_bit():
