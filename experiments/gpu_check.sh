@@ -33,9 +33,10 @@ step() {  # name, seconds, command...   (ONLY="a b" runs just those steps)
 TAIL=40 step bench_quant 90 python3 experiments/bench_quant.py --out "$RES"
 TAIL=60 step bench_kernels "${KERNELS_LIMIT:-260}" python3 experiments/bench_kernels.py --out "$RES"
 TAIL=40 step bench_optim "${OPTIM_LIMIT:-150}" python3 experiments/bench_optim.py --out "$RES"
-# TESTS / TESTS_LIMIT choose the test files and their time limit (Triton compiles every variant)
-TAIL=12 step tests "${TESTS_LIMIT:-240}" python3 -m pytest -v -rfE --tb=short -p no:cacheprovider \
-  ${TESTS:-tests/test_quant_kernels.py tests/test_matmul4bit.py tests/test_decode4bit.py \
-  tests/test_linear4bit.py tests/test_paged_adamw.py}
+# TESTS / TESTS_LIMIT choose the test files and their time limit; the files run as parallel
+# pytest processes (Triton compiles every variant, CPU-bound), see par_pytest.sh
+TAIL=80 step tests "${TESTS_LIMIT:-240}" bash experiments/par_pytest.sh "$RES" ${TESTS:-tests/test_quant_kernels.py \
+  tests/test_matmul4bit.py tests/test_decode4bit.py tests/test_linear4bit.py tests/test_paged_adamw.py}
+TAIL=30 step probe 90 python3 experiments/gemv_probe.py --out "$RES/probe"
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false

@@ -404,6 +404,20 @@ class PagedAdamW(torch.optim.Optimizer):
             self._codes = (cm, cv, (cm[:-1] + cm[1:]) / 2, (cv[:-1] + cv[1:]) / 2)
         return self._codes
 
+    def _staging(self, n: int) -> torch.Tensor:
+        """An int64 host buffer [n] for this step's kernel tables: on CUDA one of two pinned
+        buffers used in turn (allocating pinned memory every step costs more than the update of
+        a 100M-parameter model), reused once the copy that last read it has run."""
+        if self.device.type != "cuda":
+            return torch.empty(n, dtype=torch.int64)
+        if not hasattr(self, "_staged") or self._staged[0].numel() < n:
+            self._staged = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._staged_copy = [torch.cuda.Event(), torch.cuda.Event()]
+            self._staged_turn = 1
+        self._staged_turn ^= 1
+        self._staged_copy[self._staged_turn].synchronize()   # returns at once: two steps back
+        return self._staged[self._staged_turn][:n]
+
     def _triton_updater(self, flat_grads, has_grad, rows, chunk_ids):
         from peftlab.kernels.adamw import BLOCK32, QBLOCK, adamw8_chunk, adamw32_chunk
 
@@ -432,12 +446,13 @@ class PagedAdamW(torch.optim.Optimizer):
         seg_align = np.ones(n_seg, dtype=np.int64)
         for c, al in align.items():
             seg_align[self._seg0[c]:self._seg0[c + 1]] = al
-        host = np.empty(n_seg * 6, dtype=np.int64)
+        t = self._staging(n_seg * 6)
+        host = t.numpy()
         host[: 2 * n_seg].reshape(n_seg, 2)[:] = np.stack([p_off // seg_align, g_off // seg_align], 1)
         host[2 * n_seg:].view(np.float32).reshape(n_seg, 8)[:] = rows[sp]
-        t = torch.from_numpy(host)
         if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
+            t = t.to(self.device, non_blocking=True)
+            self._staged_copy[self._staged_turn].record(torch.cuda.current_stream(self.device))
         addrs = t[: 2 * n_seg].view(n_seg, 2)
         hyper = t[2 * n_seg:].view(torch.float32).view(n_seg, 8)
         if self.state_bits == 8:
