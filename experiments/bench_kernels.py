@@ -13,8 +13,12 @@ double quantization, blocksize 64) this script times, side by side in one run,
   ours-table  the same kernel with the portable table-gather decoder (M <= 16 only)
 
 with ``triton.testing.do_bench`` (median, warm-up excluded, L2 flushed before each repetition)
-over replays of a CUDA graph of each call (so no method's Python launch overhead is timed; a
-method that cannot be captured is timed eagerly, column ``timing`` in the CSV).
+over replays of a CUDA graph (so no method's Python launch overhead is timed; a method that
+cannot be captured is timed eagerly, column ``timing`` in the CSV). Inputs are rotated: each
+timed unit runs the call on R replicas of the weights, states and x (R >= 2, together ~3x the L2
+size) and the time is divided by R, so no call finds its weight in L2 and the dirty lines that
+the flush leaves in L2 (written back to HBM during the next kernel) are not all charged to one
+call: for a 4-bit weight smaller than L2 that write-back would otherwise dominate.
 Targets (H200): M = 1 >= 3.0x bf16 (4-bit weights are ~3.9x fewer bytes), M = 16 >= 2.5x,
 M = 4096 >= 0.95x. Before timing: device ceilings (a device copy, a big bf16 GEMM) and a
 correctness pass at real shapes (relative error vs a float64 dequantize-then-matmul, forward and
@@ -34,6 +38,7 @@ Writes bench_kernels.csv (one row per shape, M and method) and bench_kernels_roo
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import sys
@@ -152,38 +157,54 @@ def _check_one(what, M, packed, state, W, bias, dtype, ops, decoder) -> float:
     return rel_err(got, g.double() @ W)
 
 
-def guarded(fn: Callable[[], object], cuda: bool):
-    """(median ms, result, how) of ``fn``, or (None, error text, "") if it raises."""
+def guarded(fn: Callable[[int], object], cuda: bool, reps: int):
+    """(median ms per call, result of call 0, how) of ``fn(r)``, or (None, error, "")."""
     try:
-        out = fn()
-        ms, how = timed(fn, cuda)
+        out = fn(0)
+        ms, how = timed(fn, cuda, reps)
         return ms, out, how
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {str(e)[:120]}", ""
 
 
-def timed(fn: Callable[[], object], cuda: bool):
-    """(median ms, how). On CUDA ``fn`` is captured once into a CUDA graph and its replays are
-    timed with do_bench (L2 flushed before each): the host-side launch overhead of any method
-    then never leaks into the GPU time. Methods that cannot be captured run eagerly."""
+def timed(fn: Callable[[int], object], cuda: bool, reps: int):
+    """(median ms per call, how). ``fn(r)`` computes on replica r of the inputs; one timed unit
+    calls it on replicas 0..reps-1 in turn, so no call finds its weight in L2 (the replicas
+    together are a few times the L2 size) and the L2 flush before each unit, whose dirty lines
+    are written back during the first call, is shared by ``reps`` calls instead of charged to
+    one. On CUDA the unit is captured once into a CUDA graph and its replays are timed with
+    do_bench: no method's host-side launch overhead leaks into the GPU time. Methods that cannot
+    be captured run eagerly."""
+    def unit():
+        for r in range(reps):
+            fn(r)
+
     if not cuda:
-        return timer(fn, cuda), "cpu"
+        return timer(unit, cuda) / reps, "cpu"
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):         # warm-up: per-stream buffers, no autotuning
-            fn()
-            fn()
+            unit()
+            unit()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            fn()
-        ms = timer(graph.replay, cuda)
+            unit()
+        ms = timer(graph.replay, cuda) / reps
         del graph
         return ms, "graph"
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly
         torch.cuda.synchronize()
-        return timer(fn, cuda), "eager"
+        return timer(unit, cuda) / reps, "eager"
+
+
+def replicas(packed_bytes: int, cuda: bool) -> int:
+    """Input replicas per timed unit: together about 3x the L2 cache in packed weights."""
+    if not cuda:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(32, -(-3 * l2 // packed_bytes)))
 
 
 def verdict(M: int, speedup: Optional[float]) -> str:
@@ -202,26 +223,31 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
     w = (torch.randn(N, K, device=device) * 0.02).to(torch.bfloat16)
     packed, state, bstate = quantized(w, "nf4", True, bf, ops)
     qbytes = nbytes(packed) + state_bytes(state)
+    R = replicas(nbytes(packed), cuda)
+    # replica r: its own copy of every weight and quantization state (deepcopy clones tensors)
+    reps = [(w, packed, state, bstate)] + [copy.deepcopy((w, packed, state, bstate))
+                                          for _ in range(R - 1)]
     for M in ms:
-        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        xs = [torch.randn(M, K, device=device, dtype=torch.bfloat16) for _ in range(R)]
+        x = xs[0]
         io = nbytes(x) + M * N * 2
         methods = {
-            "bf16": (lambda: F.linear(x, w), 2 * N * K),
-            "deq+linear": (lambda: F.linear(x, ops["dequantize"](packed, state, torch.bfloat16)),
-                           qbytes),
-            "bnb": ((lambda: ops["bnb_matmul"](x, packed, bstate)) if bstate is not None
-                    and ops["bnb_matmul"] is not None else None, qbytes),
-            "ours": (lambda: ops["matmul_4bit"](x, packed, state), qbytes),
-            "ours-table": ((lambda: ops["matmul_4bit"](x, packed, state, "table")) if M <= 16
-                           else None, qbytes),
+            "bf16": (lambda r: F.linear(xs[r], reps[r][0]), 2 * N * K),
+            "deq+linear": (lambda r: F.linear(xs[r], ops["dequantize"](reps[r][1], reps[r][2],
+                                                                       torch.bfloat16)), qbytes),
+            "bnb": ((lambda r: ops["bnb_matmul"](xs[r], reps[r][1], reps[r][3]))
+                    if bstate is not None and ops["bnb_matmul"] is not None else None, qbytes),
+            "ours": (lambda r: ops["matmul_4bit"](xs[r], reps[r][1], reps[r][2]), qbytes),
+            "ours-table": ((lambda r: ops["matmul_4bit"](xs[r], reps[r][1], reps[r][2], "table"))
+                           if M <= 16 else None, qbytes),
         }
         res = {}
         for name, (fn, wbytes) in methods.items():
-            ms_, out, how = guarded(fn, cuda) if fn is not None else (None, "n/a", "")
+            ms_, out, how = guarded(fn, cuda, R) if fn is not None else (None, "n/a", "")
             res[name] = (ms_, out)
             row = dict(shape=f"{N}x{K}", M=M, method=name, time_us="", speedup_vs_bf16="",
                        weight_bytes=wbytes, bytes_moved=wbytes + io, gbps="", bw_frac="",
-                       tflops="", tflops_frac="", timing=how,
+                       tflops="", tflops_frac="", timing=f"{how} x{R}",
                        note="" if ms_ is not None else str(out))
             if ms_ is not None:
                 sec = ms_ * 1e-3
@@ -234,6 +260,10 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
                 if base is not None:
                     row["speedup_vs_bf16"] = round(base / ms_, 3)
             rows.append(row)
+        gemv = ops["mm"].gemv_choice(M, N, K) if cuda else None
+        if gemv is not None:
+            print(f"  GEMV tile for {N}x{K} M={M}: BN={gemv[0]} BK={gemv[1]} warps={gemv[2]} "
+                  f"programs/SM={gemv[3]} prefetch={gemv[4]}")
         ours_ms, ours_out = res["ours"]
         check = "n/a"
         if ours_ms is not None and res["deq+linear"][0] is not None:
@@ -251,8 +281,8 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
                       "ours_GB/s": last["gbps"], "ours_%bw": _pct(last["bw_frac"]),
                       "ours_TFLOP/s": last["tflops"], "ours_%peak": _pct(last["tflops_frac"]),
                       "check": check, "target": verdict(M, speed)})
-        del x
-    del w, packed, state, bstate
+        del x, xs
+    del w, packed, state, bstate, reps
 
 
 def _sig(v: float) -> float:

@@ -50,10 +50,10 @@ from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _m
 
 MAX_SPLIT = 32
 GEMV_MAX_M = 8          # rows of x up to which the CUDA-core GEMV kernel runs (fast layout only)
-# GEMV tiles: (BN rows of W, BK elements of K per step, warps, programs per SM wanted); on CUDA
-# the fastest per (M bucket, N, K, blocksize, nesting, dtype, decoder) is picked by timing
-GEMV_CONFIGS = [(16, 512, 4, 8), (32, 256, 4, 8), (32, 512, 4, 4), (64, 256, 8, 4),
-                (8, 1024, 4, 8), (16, 1024, 8, 4), (16, 256, 4, 16), (32, 512, 8, 8)]
+# GEMV tiles: (BN rows of W, BK elements of K per step, warps, programs per SM wanted, prefetch);
+# on CUDA the fastest per (M bucket, N, K, blocksize, nesting, dtype, decoder) is picked by timing
+GEMV_CONFIGS = [(8, 1024, 4, 8, False), (8, 1024, 4, 8, True), (16, 512, 4, 8, True),
+                (4, 2048, 4, 8, False), (32, 256, 4, 8, True), (16, 1024, 8, 4, False)]
 _GEMV_BEST: Dict[Tuple, tuple] = {}
 IMPLS = ("auto", "triton", "reference")
 DECODERS = ("auto", "prmt", "table")
@@ -296,7 +296,7 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
 
 def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None:
     """Launch ``_mm4_gemv_kernel`` (x [M <= GEMV_MAX_M, K], fast layout) with tile ``config`` =
-    (BN, BK, warps, programs per SM), or the fastest of GEMV_CONFIGS on this shape (timed once
+    (BN, BK, warps, programs per SM, prefetch), or the fastest of GEMV_CONFIGS on this shape (timed once
     on CUDA; the interpreter takes a small fixed tile)."""
     bm = max(1, 1 << (M - 1).bit_length())
     # the fp32 table for float32 x (exact codes; this path has no TF32 dot)
@@ -304,7 +304,7 @@ def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None
     bias_t = bias.contiguous() if bias is not None else out
 
     def launch(cfg):
-        bn, bk, warps, per_sm = cfg
+        bn, bk, warps, per_sm, prefetch = cfg
         wpb = min(q.bs, bk) // 8
         nbk = max(1, bk // q.bs)
         tiles, steps = _cdiv(N, bn), _cdiv(K, bk)
@@ -315,10 +315,10 @@ def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None
             _workspace(s, M, N, x.device), _counters(x.device, tiles), M, N, K, K // 8,
             K // q.bs, x.stride(0), out.stride(0), bm, BS=q.bs, BS2=q.bs2, NESTED=q.nested,
             HAS_BIAS=bias is not None, USE_PRMT=use_prmt, BM=bm, BN=bn, NBK=nbk, WPB=wpb,
-            num_warps=warps)
+            PREFETCH=prefetch, EVEN_K=K % bk == 0 and steps % s == 0, num_warps=warps)
 
     if config is None and _interpreting():
-        config = (16, 128, 4, 1)
+        config = (16, 128, 4, 1, True)
     if config is None:
         key = (bm, N, K, q.bs, q.nested, x.dtype, use_prmt, bias is not None, str(x.device))
         config = _GEMV_BEST.get(key)

@@ -242,21 +242,24 @@ def _mm4_gemv_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr
                      M_BUCKET,
                      BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, USE_PRMT: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, NBK: tl.constexpr, WPB: tl.constexpr):
+                     BN: tl.constexpr, NBK: tl.constexpr, WPB: tl.constexpr,
+                     PREFETCH: tl.constexpr, EVEN_K: tl.constexpr):
     """Small-M path on CUDA cores: y tile [BM, BN] over one K range; grid (N tiles, splits).
 
     Per step the program loads BN rows x 8*NBK*WPB weights as int32 words (16-byte vectors),
     decodes each word into its 8 codes e_j (``decode8``: e_j of word w is W[n, k0 + 8w + j]) and,
     instead of interleaving them back into memory order, loads x de-interleaved to match:
-    ``x_j[m, w] = x[m, k0 + 8w + j]``. The product is reduced in float32 registers,
+    ``x_j[m, w] = x[m, k0 + 8w + j]``. Products accumulate in float32 registers, one accumulator
+    per (row of x, row of W, block, word lane), reduced across lanes once at the end:
 
-        part[m, n, b] = sum_j sum_w x_j[m, b, w] * e_j[n, b, w]       (codes of block b)
-        acc[m, n]    += sum_b part[m, n, b] * absmax[n, b]
+        acc[m, n, b, w] += absmax[n, b] * sum_j x_j[m, b, w] * e_j[n, b, w]
+        y[m, n]          = sum_{b, w} acc[m, n, b, w]                         (+ bias)
 
-    so every weight costs its decode, one conversion and BM fused multiply-adds; no tensor-core
-    layout shuffle, no shared memory. The next step's words are loaded before this step's decode
-    (register double buffering), keeping two loads in flight per thread. Needs the fast layout
-    (K % B == 0, B >= 32): WPB = min(B, BK) / 8 words per block, NBK blocks per step.
+    so every weight costs its decode, one conversion and BM fused multiply-adds: no tensor-core
+    layout shuffle, no shared memory, no cross-lane traffic inside the loop. With PREFETCH the
+    next step's words are loaded before this step's decode (register double buffering). Needs
+    the fast layout (K % B == 0, B >= 32): WPB = min(B, BK) / 8 words per block, NBK blocks per
+    step; EVEN_K: every step is whole (K range a multiple of BK), so x needs no mask.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -272,16 +275,24 @@ def _mm4_gemv_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr
     t0, t1, t2, t3, t4, t5, t6, t7 = table_planes(tab_ptr)
     kpos = tl.arange(0, NBK)[:, None] * (WPB * 8) + tl.arange(0, WPB)[None, :] * 8   # word starts
     xo = offs_m.to(tl.int64)[:, None, None, None] * stride_xm + kpos[None, None]  # [BM,1,NBK,WPB]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask, k_lo, K, KQ,
-                            KB, BS, BS2, NESTED, NBK, WPB)
+    acc = tl.zeros([BM, BN, NBK, WPB], dtype=tl.float32)
+    if PREFETCH:
+        wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask, k_lo, K,
+                                KQ, KB, BS, BS2, NESTED, NBK, WPB)
     for k0 in range(k_lo, k_hi, BK):
-        wd = wd_n
-        a = a_n
-        n_live = tl.where(k0 + BK < k_hi, N, 0)             # no prefetch past this split
-        wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rows < n_live,
-                                k0 + BK, K, KQ, KB, BS, BS2, NESTED, NBK, WPB)
-        xm = mmask[:, None, None, None] & (k0 + kpos < k_hi)[None, None]
+        if PREFETCH:
+            wd = wd_n
+            a = a_n
+            n_live = tl.where(k0 + BK < k_hi, N, 0)             # no prefetch past this split
+            wd_n, a_n = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows,
+                                    rows < n_live, k0 + BK, K, KQ, KB, BS, BS2, NESTED, NBK, WPB)
+        else:
+            wd, a = _gemv_words(w_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, rows, rmask, k0, K,
+                                KQ, KB, BS, BS2, NESTED, NBK, WPB)
+        if EVEN_K:
+            xm = mmask[:, None, None, None]
+        else:
+            xm = mmask[:, None, None, None] & (k0 + kpos < k_hi)[None, None]
         e0, e1, e2, e3, e4, e5, e6, e7 = decode8(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
                                                  USE_PRMT)
         xp = x_ptr + k0 + xo
@@ -293,13 +304,14 @@ def _mm4_gemv_kernel(x_ptr, w_ptr, code_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr
         part += tl.load(xp + 5, mask=xm, other=0.0).to(tl.float32) * e5.to(tl.float32)[None]
         part += tl.load(xp + 6, mask=xm, other=0.0).to(tl.float32) * e6.to(tl.float32)[None]
         part += tl.load(xp + 7, mask=xm, other=0.0).to(tl.float32) * e7.to(tl.float32)[None]
-        acc += tl.sum(tl.sum(part, axis=3) * a[None], axis=2)
+        acc += part * a[None, :, :, None]
+    out = tl.sum(tl.sum(acc, axis=3), axis=2)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
     else:
         bias = tl.zeros([1, BN], dtype=tl.float32)
     mask = mmask[:, None] & rmask[None, :]
-    _epilogue(acc, bias, y_ptr, offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :], ws_ptr,
+    _epilogue(out, bias, y_ptr, offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :], ws_ptr,
               offs_m[:, None] * N + rows[None, :], mask, cnt_ptr, pid_n, pid_k, n_split, M * N)
 
 

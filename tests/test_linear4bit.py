@@ -33,8 +33,11 @@ def test_forward_equals_dequantize_then_linear(device, dtype, compute):
     assert y.dtype == dtype and y.shape == (3, 5, 40)
     if linear4bit_module._use_fused(x.to(cdt)):
         # CUDA, 15 rows, 16-bit compute: the fused kernel (kernels/matmul4bit.py) decodes the same
-        # bf16 weights but sums in its own order, so the two bf16 results may differ by a rounding.
-        torch.testing.assert_close(y, expected, rtol=2 ** -7, atol=1e-5)
+        # weights but sums in its own order (and rounds once, in float32), so the bf16 results differ
+        # by roundings: relative to the output's scale, not elementwise (cancellation near zero).
+        err = float((y.float() - expected.float()).norm() / expected.float().norm())
+        assert err < 2 ** -7
+        torch.testing.assert_close(y, expected, rtol=0, atol=2 ** -6 * float(expected.abs().max()))
     else:   # dequantize + F.linear: the same computation, bit for bit
         assert torch.equal(y, expected)
     assert m.in_features == 96 and m.out_features == 40 and m.weight.dtype == torch.uint8

@@ -119,9 +119,9 @@ def test_split_k_is_deterministic_and_resets_counters(M):
 
 
 @pytest.mark.parametrize("M,N,K,bs,dtype,gemv_cfg", [
-    (1, 40, 512, 64, torch.bfloat16, (8, 256, 4, 1)),      # 4 blocks per step, 2 steps
-    (4, 33, 384, 128, torch.float16, (16, 512, 4, 1)),     # K not a multiple of BK: masked step
-    (8, 24, 256, 256, torch.float32, (16, 128, 4, 1)),     # a step is half a block; fp32 codes
+    (1, 40, 512, 64, torch.bfloat16, (8, 256, 4, 1, True)),    # 4 blocks per step, 2 steps
+    (4, 33, 384, 128, torch.float16, (16, 512, 4, 1, False)),  # K not a multiple of BK: masked
+    (8, 24, 256, 256, torch.float32, (16, 128, 4, 1, True)),   # a step is half a block; fp32
 ])
 def test_gemv_and_tensor_core_paths_agree_with_oracle(M, N, K, bs, dtype, gemv_cfg):
     """Both small-M kernels on the same inputs (the GEMV config is a tuple, the tensor-core one
