@@ -262,8 +262,11 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
             rows.append(row)
         gemv = ops["mm"].gemv_choice(M, N, K) if cuda else None
         if gemv is not None:
-            print(f"  GEMV tile for {N}x{K} M={M}: BN={gemv[0]} BK={gemv[1]} warps={gemv[2]} "
-                  f"programs/SM={gemv[3]} prefetch={gemv[4]}")
+            (bn, bk, warps, per_sm, pf), cands = gemv
+            print(f"  GEMV tile for {N}x{K} M={M}: BN={bn} BK={bk} warps={warps} "
+                  f"programs/SM={per_sm} prefetch={pf}; candidates (us, unrotated): "
+                  + ", ".join(f"{c[0]}x{c[1]}/{c[2]}w{'/pf' if c[4] else ''} {t * 1e3:.1f}"
+                              for c, t in cands))
         ours_ms, ours_out = res["ours"]
         check = "n/a"
         if ours_ms is not None and res["deq+linear"][0] is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -52,8 +53,11 @@ MAX_SPLIT = 32
 GEMV_MAX_M = 8          # rows of x up to which the CUDA-core GEMV kernel runs (fast layout only)
 # GEMV tiles: (BN rows of W, BK elements of K per step, warps, programs per SM wanted, prefetch);
 # on CUDA the fastest per (M bucket, N, K, blocksize, nesting, dtype, decoder) is picked by timing
-GEMV_CONFIGS = [(8, 1024, 4, 8, False), (8, 1024, 4, 8, True), (16, 512, 4, 8, True),
-                (4, 2048, 4, 8, False), (32, 256, 4, 8, True), (16, 1024, 8, 4, False)]
+# More rows per tile means more rows per thread sharing one load and conversion of x.
+GEMV_CONFIGS = [(8, 1024, 4, 8, False), (16, 512, 4, 8, True), (32, 512, 4, 8, False),
+                (32, 512, 4, 8, True), (64, 256, 4, 8, False), (64, 512, 8, 8, False),
+                (128, 256, 8, 4, False), (4, 2048, 4, 8, False)]
+GEMV_TIMES: Dict[Tuple, list] = {}      # key -> [(config, ms)] of the timed choice
 _GEMV_BEST: Dict[Tuple, tuple] = {}
 IMPLS = ("auto", "triton", "reference")
 DECODERS = ("auto", "prmt", "table")
@@ -296,8 +300,9 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
 
 def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None:
     """Launch ``_mm4_gemv_kernel`` (x [M <= GEMV_MAX_M, K], fast layout) with tile ``config`` =
-    (BN, BK, warps, programs per SM, prefetch), or the fastest of GEMV_CONFIGS on this shape (timed once
-    on CUDA; the interpreter takes a small fixed tile)."""
+    (BN, BK, warps, programs per SM, prefetch), or the fastest of GEMV_CONFIGS on this shape
+    (timed once on CUDA; ``PEFTLAB_GEMV_TUNE=0`` takes the first; the interpreter a small fixed
+    tile)."""
     bm = max(1, 1 << (M - 1).bit_length())
     # the fp32 table for float32 x (exact codes; this path has no TF32 dot)
     table, tab = _tables(q.code, x.dtype) if x.dtype != torch.float32 else (q.code, q.code)
@@ -319,20 +324,32 @@ def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None
 
     if config is None and _interpreting():
         config = (16, 128, 4, 1, True)
+    if config is None and os.environ.get("PEFTLAB_GEMV_TUNE", "1") == "0":
+        config = GEMV_CONFIGS[0]                               # no timing: the first tile
     if config is None:
         key = (bm, N, K, q.bs, q.nested, x.dtype, use_prmt, bias is not None, str(x.device))
         config = _GEMV_BEST.get(key)
         if config is None:
-            times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25)
-                     for c in GEMV_CONFIGS]
+            times = []
+            for c in GEMV_CONFIGS:
+                try:
+                    times.append(triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25))
+                except Exception as e:  # noqa: BLE001 - e.g. out of resources: not a candidate
+                    if len(times) == len(GEMV_CONFIGS) - 1 and not any(t < float("inf") for t in times):
+                        raise
+                    times.append(float("inf"))
+                    warnings.warn(f"matmul_4bit: GEMV tile {c} unusable here ({type(e).__name__})")
             config = _GEMV_BEST[key] = GEMV_CONFIGS[min(range(len(times)), key=times.__getitem__)]
+            GEMV_TIMES[key] = list(zip(GEMV_CONFIGS, times))
     launch(config)
 
 
 def gemv_choice(M: int, N: int, K: int) -> Optional[tuple]:
-    """The GEMV tile picked by timing for this shape (the first match), or None."""
+    """(tile, [(tile, ms) of every candidate]) picked by timing for this shape (the first
+    match), or None."""
     bm = max(1, 1 << (M - 1).bit_length())
-    return next((v for k, v in _GEMV_BEST.items() if k[:3] == (bm, N, K)), None)
+    return next(((v, GEMV_TIMES.get(k, [])) for k, v in _GEMV_BEST.items()
+                 if k[:3] == (bm, N, K)), None)
 
 
 def matmul4bit_backward_input(grad_y: torch.Tensor, packed: torch.Tensor, code: torch.Tensor,
