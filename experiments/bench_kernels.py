@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quant import (bitsandbytes_cuda, lib_versions, nbytes, print_table,  # noqa: E402
-                         state_bytes, timer, write_csv)
+                         replicas, state_bytes, timer, write_csv)
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]   # N x K
 MS = [1, 16, 64, 256, 4096]
@@ -197,14 +197,6 @@ def timed(fn: Callable[[int], object], cuda: bool, reps: int):
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly
         torch.cuda.synchronize()
         return timer(unit, cuda) / reps, "eager"
-
-
-def replicas(packed_bytes: int, cuda: bool) -> int:
-    """Input replicas per timed unit: together about 3x the L2 cache in packed weights."""
-    if not cuda:
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    return max(2, min(32, -(-3 * l2 // packed_bytes)))
 
 
 def verdict(M: int, speedup: Optional[float]) -> str:

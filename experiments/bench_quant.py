@@ -4,7 +4,9 @@ QLoRA (Dettmers et al. 2023, arXiv 2305.14314, section 3) dequantizes every 4-bi
 forward and backward pass, so dequantization speed is bandwidth: per bf16 weight it reads half a
 byte (plus the absmax codes) and writes two. For the weight shapes of Llama-class models
 (4096x4096 .. 28672x8192, bf16) this script times, with ``triton.testing.do_bench`` (median of
-repetitions, warm-up excluded, L2 flushed before each repetition):
+repetitions, warm-up excluded, L2 flushed before each repetition; inputs rotated over replicas
+that together are ~3x the L2 size, time divided by the replica count, so the write-back of the
+flushed L2's dirty lines is not charged to one call):
 
   dequant   ours and bitsandbytes' (when it imports with CUDA): NF4/FP4, double quant on/off,
             bf16 output; effective TB/s = (bytes read + bytes written) / time.
@@ -22,12 +24,16 @@ repetitions, warm-up excluded, L2 flushed before each repetition):
     python experiments/bench_quant.py --out experiments/results     # H200: < 2 minutes
     python experiments/bench_quant.py --smoke                        # CPU: tiny shapes, interpreted
 
-Prints one table (GPU name, torch / triton / bitsandbytes versions, date) and writes
-bench_quant.csv and bench_quant_check.csv (``*_smoke.csv`` with --smoke) under --out.
+Prints one table (GPU name, torch / triton / bitsandbytes versions, date; ``config`` is the
+kernel variant and tile the tuner picked for our row: ``bytes`` / ``words`` / ``words1`` (and
+``bytes_tree`` for quant, the previous kernel), elements per program, warps; see
+kernels/quant4bit.py), the tuner's winner per key, and writes bench_quant.csv and
+bench_quant_check.csv (``*_smoke.csv`` with --smoke) under --out.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import os
@@ -91,6 +97,25 @@ def timer(fn: Callable[[], object], cuda: bool) -> float:
     return statistics.median(times)
 
 
+def replicas(footprint_bytes: int, cuda: bool) -> int:
+    """Input replicas per timed unit: together about 3x the L2 cache (at least 2, at most 32)."""
+    if not cuda:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(32, -(-3 * l2 // max(1, footprint_bytes))))
+
+
+def rotated(fn: Callable[[int], object], reps: int, cuda: bool) -> float:
+    """Median ms per call of ``fn(r)`` timed as units of calls on replicas r = 0..reps-1: no call
+    finds its inputs in L2, and the write-back of the dirty lines that do_bench's L2 flush leaves
+    behind is shared by ``reps`` calls instead of charged to the first."""
+    def unit():
+        for r in range(reps):
+            fn(r)
+
+    return timer(unit, cuda) / reps
+
+
 def nbytes(*tensors) -> int:
     total = 0
     for t in tensors:
@@ -122,34 +147,46 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
     name = f"{shape[0]}x{shape[1]}"
 
     def add(op, qt, dq, impl, ms, moved, bnb_ms=None):
+        config = ops["choice"](op) if impl == "peftlab" else ""  # what the timed call ran
         rows.append(dict(shape=name, op=op, quant_type=qt, double_quant=dq, impl=impl,
                          ms=round(ms, 5), gbytes=round(moved / 1e9, 4),
                          tbps=round(moved / (ms * 1e-3) / 1e12, 3),
-                         speedup_vs_bnb="" if bnb_ms is None else round(bnb_ms / ms, 2)))
+                         speedup_vs_bnb="" if bnb_ms is None else round(bnb_ms / ms, 2),
+                         config=config))
 
-    dst = torch.empty_like(w)
-    add("copy", "", "", "torch", timer(lambda: dst.copy_(w), cuda), 2 * nbytes(w))
-    del dst
+    # inputs rotate over R replicas (see ``rotated``): R_w for the bf16 weight, R_q for 4-bit
+    R_w = replicas(2 * nbytes(w), cuda)
+    ws = [w] + [w.clone() for _ in range(R_w - 1)]
+    dsts = [torch.empty_like(w) for _ in range(R_w)]
+    add("copy", "", "", "torch", rotated(lambda r: dsts[r].copy_(ws[r]), R_w, cuda), 2 * nbytes(w))
+    del dsts
     for qt, dq in VARIANTS:
         packed, state = ops["quantize"](w, 64, qt, dq)
         moved = nbytes(packed) + state_bytes(state) + 2 * n
+        R_q = replicas(moved, cuda)
+        reps = [(packed, state)] + [copy.deepcopy((packed, state)) for _ in range(R_q - 1)]
         bnb_ms = None
         if bf is not None:
             b_packed, b_state = bf.quantize_4bit(w, blocksize=64, quant_type=qt,
                                                  compress_statistics=dq)
-            bnb_ms = timer(lambda: bf.dequantize_4bit(b_packed, b_state), cuda)
+            b_reps = [(b_packed, b_state)] + [copy.deepcopy((b_packed, b_state))
+                                              for _ in range(R_q - 1)]
+            bnb_ms = rotated(lambda r: bf.dequantize_4bit(*b_reps[r]), R_q, cuda)
             add("dequant", qt, dq, "bitsandbytes", bnb_ms, moved)
-        ms = timer(lambda: ops["dequantize"](packed, state, torch.bfloat16), cuda)
+            del b_reps
+        ms = rotated(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), R_q, cuda)
         add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms)
+        del reps
         if dq:  # quantization, with double quant as QLoRA uses it
             qmoved = 2 * n + nbytes(packed) + state_bytes(state)
             bnb_qms = None
             if bf is not None:
-                bnb_qms = timer(lambda: bf.quantize_4bit(w, blocksize=64, quant_type=qt,
-                                                         compress_statistics=True), cuda)
+                bnb_qms = rotated(lambda r: bf.quantize_4bit(ws[r], blocksize=64, quant_type=qt,
+                                                             compress_statistics=True), R_w, cuda)
                 add("quant", qt, dq, "bitsandbytes", bnb_qms, qmoved)
             add("quant", qt, dq, "peftlab",
-                timer(lambda: ops["quantize"](w, 64, qt, True), cuda), qmoved, bnb_qms)
+                rotated(lambda r: ops["quantize"](ws[r], 64, qt, True), R_w, cuda), qmoved,
+                bnb_qms)
         checks.append(check_exact(name, w, qt, dq, packed, state, bf, ops))
         del packed, state
 
@@ -215,12 +252,13 @@ def main(argv=None) -> int:
             print("no CUDA device: use --smoke for the CPU (interpreted) code path")
             return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit compiles
-    from peftlab.kernels.quant4bit import dequantize_4bit_triton, quantize_4bit_triton
+    from peftlab.kernels.quant4bit import (dequantize_4bit_triton, last_choice,
+                                           quantize_4bit_triton, tuner_choices)
     from peftlab.quant import QuantState, dequantize_4bit_reference, quantize_4bit_reference
 
     ops = dict(quantize=quantize_4bit_triton, dequantize=dequantize_4bit_triton,
                quantize_ref=quantize_4bit_reference, dequantize_ref=dequantize_4bit_reference,
-               QuantState=QuantState)
+               QuantState=QuantState, choice=last_choice)
     device = torch.device("cuda" if cuda else "cpu")
     bf = bitsandbytes_cuda()
     vers = lib_versions()
@@ -237,6 +275,12 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k}: {v}" for k, v in header.items()) + f" | {time.time() - t0:.1f}s")
     print_table("timings (median ms; TB/s = (bytes read + written) / time)", rows)
     print_table("bit-exactness (mismatch counts; -1 = not run)", checks)
+    print("\ntuner winners (key: blocksize, size bucket, dtype, quant_type | nested, eligible):")
+    winners = [(op, key, desc) for op, c in tuner_choices().items() for key, desc in c.items()]
+    for op, key, desc in winners:
+        print(f"  {op:8s} {key}: {desc}")
+    if not winners:
+        print("  none timed (interpreted, or tensors under the tuning threshold)")
     bad = [c for c in checks if any(c[k] > 0 for k in c if k.startswith("ref_"))]
     print("\nkernel vs reference:", "FAIL " + str(bad) if bad else "bit-exact at every size")
     suffix = "_smoke" if args.smoke else ""

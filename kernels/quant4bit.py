@@ -6,43 +6,83 @@ two 4-bit indices per byte (first element high), and double quantization of the 
 constants with the 8-bit dynamic map in blocks of 256 (``peftlab/quant/blockwise8.py``). These
 kernels are bit-exact twins of those references (tested interpreted on the CPU and on CUDA).
 
-Design (the GPU goal is bandwidth: dequantize moves 0.5 B in and 2 B out per bf16 weight):
+Design (the GPU goal is bandwidth: dequantize moves 0.5 B in and 2 B out per bf16 weight,
+quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and word variants
+(whole 32-bit words of packed nibbles); a tiny tuner times them on CUDA and keeps the fastest.
 
-* ``_dequant4_kernel``: a program owns a ``[ROWS, COLS]`` tile of packed bytes (COLS divides
-  ``B / 2`` so a tile row lies inside one quantization block) and writes ``[ROWS, 2 COLS]``
-  outputs: contiguous 16-byte vector loads and stores, one pass, no intermediate absmax tensor.
-  Nibbles are split with shifts, interleaved (``tl.interleave``: the high nibble is the even
-  element), looked up in the 16-entry code table (a gather that stays in L1), scaled by the
-  row's absmax. Double-quantized absmax is decoded in-kernel per row:
+* Dequantize, ``bytes`` (``_dequant4_kernel``): a program owns a ``[ROWS, COLS]`` tile of packed
+  bytes (COLS divides ``B / 2`` so a tile row lies inside one quantization block) and writes
+  ``[ROWS, 2 COLS]`` outputs. Nibbles are split with shifts, interleaved (``tl.interleave``: the
+  high nibble is the even element), looked up in the 16-entry float32 code table (a gather
+  that stays in L1) and scaled by the row's absmax. Interleaving leaves each thread 2 adjacent
+  outputs, so stores are narrow.
+* Dequantize, ``words`` / ``words1`` (``_dequant4w_kernel``, needs ``n % 8 == 0`` and a
+  4-byte-aligned packed tensor): a ``[ROWS, WC]`` tile of int32 words (8 codes each, WC
+  divides ``B / 8``), decoded by ``decode4bit.decode8``'s table path (float32 gathers),
+  assembled with ``interleave8`` (``tl.join``: the new axes stay inside the thread) into
+  ``[ROWS, WC, 8]`` and stored through an offset tile built from aranges (Triton's axis
+  analysis sees 8 contiguous outputs: one 16-byte store per word for 16-bit outputs; an index
+  built by ``join`` would be opaque to it). ``words`` lets the compiler vectorize the word loads
+  (then it converts layouts before the store); ``words1`` hints one word per thread
+  (``tl.max_contiguous``), whose layout is exactly the store's.
+  Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype.
+* Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
   multiply and add round separately, as in the PyTorch reference).
-* ``_quant4_kernel``: a program owns ``ROWS`` whole blocks ``[ROWS, B]``: absmax by a row
-  reduction, normalisation by the correctly rounded reciprocal (``div_rn``; Triton's ``/`` is
-  approximate on GPUs; the ragged last block divides, as the reference, and only the program
-  holding it pays for the division), nearest level by a 4-level branch-free binary search over the 15
-  decision bounds (``#(bounds < s)``, ties to the lower level), FP4's sorted-position-to-index
-  map by a 16-entry gather, nibble packing with ``tl.split``.
+* Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``.
+  absmax: an integer row max over the bits of ``|x|`` (float ``tl.max`` skips NaN; this
+  propagates it, as torch's amax does, so a NaN block fails the finite check). Normalisation
+  by the correctly rounded reciprocal (``div_rn``; Triton's ``/`` is approximate on GPUs; the
+  ragged last block divides, as the reference, and only the program holding it pays for the
+  division; an all-zero block scales by 0). No clamp to [-1, 1]: all decision bounds lie
+  inside, so the index is unchanged. The code ``order[#(bounds < s)]`` (nearest level, ties
+  to the lower one) comes from one of two searches:
+  - cell table (``_cell_table``): ``c = floor(16 |s|) + 32 [s > 0]`` (exact), one 8-byte
+    gather of ``(t, lo, hi)`` from a 64-entry table, ``s > t ? hi : lo``; about 8 integer-pipe
+    instructions per weight. Exact for every float32 ``s`` (checked exhaustively for
+    ``|s| <= 1.0001`` when written; the tests probe every cell edge and bound +-2 ulps);
+  - select tree (``_nearest16``): a 4-level branch-free binary search over the 15 bounds,
+    thresholds by selects, then FP4's order gather; about 22 integer-pipe instructions, which
+    made the kernel compute-bound (ptxas SASS for sm_90, compiled on the CPU).
+  Packing: ``bytes`` (``tl.split`` of pairs, uint8 stores) or ``words`` / ``words1``
+  (``_pack8``: three ``tl.split`` levels, one int32 word per 8 codes in ``decode4bit.SHIFTS``
+  order; needs ``((n + 1) // 2) % 4 == 0``), ``words1`` again hinting one word per thread.
+  Variants: ``words``, ``words1``, ``bytes`` (cell table) and ``bytes_tree`` (the previous
+  kernel's search and packing).
 * ``_quant8_kernel`` / ``_dequant8_kernel``: blockwise 8-bit with a 256-entry code (nearest by
   an 8-step binary search over 255 bounds, or bitsandbytes' CPU 65536-entry lookup table); used
-  for double quantization and exposed for the 8-bit optimizer.
+  for double quantization, with the ``absmax - offset`` subtraction fused (same float32
+  subtraction), and exposed for the 8-bit optimizer.
+
+``quantize_4bit_triton`` launches the 4-bit kernel, the mean, the fused 8-bit kernel and two
+table copies, then reads the mean back: absmax >= 0, so a finite mean proves every block
+finite; only a non-finite mean scans absmax for the offending block (the reference's error).
+Without double quantization it scans absmax (isfinite, any: the one sync).
+
+Tuner: on CUDA each direction times every eligible (variant, elements per program, warps)
+candidate once per (blocksize, size bucket, dtype, ...) key with ``do_bench`` and keeps the
+fastest (a candidate that fails to compile is skipped with a warning), so the byte kernels
+remain the floor; tensors under 2^20 elements take the first eligible candidate that
+compiles, untimed. ``last_choice`` / ``tuner_choices`` report the winners. The interpreter runs
+the first eligible variant on a small tile; ``forced_variant`` pins one (tests).
 
 Rounding traps handled: bf16 output is rounded to nearest even by bit arithmetic when running
 under ``TRITON_INTERPRET=1`` (whose float32->bfloat16 cast truncates); on the GPU the native
 cast already rounds to nearest even. float16 casts round to nearest even in both places.
-
-On CUDA the 4-bit kernels pick one of four tile configurations (elements per program x warps)
-by timing them with ``do_bench`` on first use per (blocksize, size bucket, dtype) — a tiny
-tuner rather than ``triton.autotune`` because the tile shape is derived from the blocksize; the
-interpreter uses one small fixed tile. Entry points have the contracts of the references:
-``quantize_4bit_triton``, ``dequantize_4bit_triton``, ``quantize_blockwise_8bit_triton``,
+Entry points have the contracts of the references: ``quantize_4bit_triton``,
+``dequantize_4bit_triton``, ``quantize_blockwise_8bit_triton``,
 ``dequantize_blockwise_8bit_triton``.
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.testing
@@ -55,8 +95,11 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
+from .decode4bit import decode8, interleave8
+
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_COLS_MAX = 64  # packed bytes per dequant tile row (128 outputs)
+_COLS_MAX = 64   # packed bytes per byte-dequant tile row (128 outputs)
+_WCOLS_MAX = 64  # words per word-dequant tile row (512 outputs)
 
 
 @triton.jit
@@ -76,6 +119,20 @@ def _store_out(out_ptr, idx, v, mask, OUT: tl.constexpr, RNE_BITS: tl.constexpr)
 
 
 @triton.jit
+def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, nblocks,
+                  BS2: tl.constexpr, NESTED: tl.constexpr):
+    """float32 absmax of blocks ``blk``; nested: ``code2[qa] * absmax2[blk // BS2] + offset``."""
+    bmask = blk < nblocks
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BS2, mask=bmask, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+    return am
+
+
+@triton.jit
 def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                      out_ptr, n, nbytes, nblocks,
                      BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
@@ -87,16 +144,31 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
     hi = (byte >> 4).to(tl.int32)
     lo = (byte & 15).to(tl.int32)
     vals = tl.load(code_ptr + tl.interleave(hi, lo))             # [ROWS, 2 COLS], L1 gather
-    blk = (row * (2 * COLS)) // BS                               # block of each row
-    bmask = blk < nblocks
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        am = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BS2, mask=bmask, other=0.0)
-        am = am + tl.load(offset_ptr)
-    else:
-        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
+    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row * (2 * COLS)) // BS,
+                       nblocks, BS2, NESTED)
     eidx = row[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
     _store_out(out_ptr, eidx, vals * am[:, None], eidx < n, OUT, RNE_BITS)
+
+
+@triton.jit
+def _dequant4w_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                      out_ptr, nwords, nblocks,
+                      BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
+                      WC: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr,
+                      RNE_BITS: tl.constexpr, ONE_WORD: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid * ROWS + tl.arange(0, ROWS)                       # [ROWS] tile rows
+    widx = row[:, None] * WC + tl.arange(0, WC)[None, :]         # [ROWS, WC] word index
+    if ONE_WORD:  # one word per thread: the load layout is the store layout, no conversion
+        widx = tl.max_contiguous(widx, [1, 1])
+    wmask = widx < nwords
+    wd = tl.load(words_ptr + widx, mask=wmask, other=0)
+    v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, 0, 0, 0, 0, 0, 0, 0, 0, False)
+    vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
+    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row * (8 * WC)) // BS,
+                       nblocks, BS2, NESTED)
+    eidx = widx[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # 8 contiguous per word
+    _store_out(out_ptr, eidx, vals * am[:, None, None], wmask[:, :, None], OUT, RNE_BITS)
 
 
 @triton.jit
@@ -127,40 +199,79 @@ def _nearest16(s, bounds_ptr):
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, n, nbytes, nblocks,
-                   BS: tl.constexpr, ROWS: tl.constexpr, HAS_ORDER: tl.constexpr):
+def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
+    """Codes ``[ROWS, 8 W]`` (0..15) -> ``[ROWS, W]`` int32 words, element e_k of each group of
+    8 at bit ``SHIFTS[k]`` = 4, 0, 12, 8, 20, 16, 28, 24 (the byte packing read little-endian).
+    ``[r, w, a, b, c]`` of the reshape is element ``k = 4a + 2b + c``; split peels c, b, a."""
+    c0, c1 = tl.split(tl.reshape(q.to(tl.uint32), [ROWS, W, 2, 2, 2]))
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    e0, e4 = tl.split(b00)
+    e2, e6 = tl.split(b01)
+    e1, e5 = tl.split(b10)
+    e3, e7 = tl.split(b11)
+    wd = ((e0 << 4) | e1 | (e2 << 12) | (e3 << 8) | (e4 << 20) | (e5 << 16) | (e6 << 28)
+          | (e7 << 24))
+    return wd.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr, n, nunits,
+                   nblocks, BS: tl.constexpr, ROWS: tl.constexpr, HAS_ORDER: tl.constexpr,
+                   PACK: tl.constexpr, CELLS: tl.constexpr):
+    """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words; 2: words, one per thread.
+    CELLS: code by the cell table (``_cell_table``), else by the select tree (``_nearest16``)."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
     x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
-    am = tl.max(tl.abs(x), axis=1)
+    # |x| >= 0 orders like its int32 bits, and a NaN's bits exceed inf's: the integer max is
+    # the float max that propagates NaN (as torch's amax), at no extra cost
+    am = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
     amc = tl.where(am < 1e-38, 1e-38, am)                        # bitsandbytes' floor
-    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), amc)
+    # an all-zero block (x = +-0) scales by 0, never by 1 / 1e-38 (inf if the division
+    # flushed the subnormal to zero, and 0 * inf = NaN)
+    inv = tl.where(am > 0, tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), amc), 0.0)
     tail = (blk + 1) * BS > n
     s = x * inv[:, None]
     if (pid + 1) * ROWS * BS > n:                                # ragged last block: divide
-        s = tl.where(tail[:, None], tl.math.div_rn(x, amc[:, None]), s)
-    s = tl.where(am[:, None] > 0, s, 0.0)
-    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
-    q = _nearest16(s, bounds_ptr)
-    if HAS_ORDER:
-        q = tl.load(order_ptr + q)
-    ev, od = tl.split(tl.reshape(q, [ROWS, BS // 2, 2]))
-    byte = ((ev << 4) | od).to(tl.uint8)
-    pidx = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
-    tl.store(packed_ptr + pidx, byte, mask=pidx < nbytes)
+        s = tl.where(tail[:, None] & (am[:, None] > 0), tl.math.div_rn(x, amc[:, None]), s)
+    # no clamp to [-1, 1]: every decision bound lies inside, so #(bounds < s) is unchanged
+    if CELLS:
+        # cell floor(16 |s|) (exact: a power-of-two scale), upper half for s > 0; & 63 keeps
+        # a NaN's index in the table (its block raises anyway)
+        c = ((tl.abs(s) * 16.0).to(tl.int32) + tl.where(s > 0, 32, 0)) & 63
+        e = tl.load(cells_ptr + c)                               # int64: threshold | codes
+        hw = (e >> 32).to(tl.int32)
+        q = tl.where(s > e.to(tl.int32).to(tl.float32, bitcast=True), hw >> 8, hw & 255)
+    else:
+        q = _nearest16(s, bounds_ptr)
+        if HAS_ORDER:
+            q = tl.load(order_ptr + q)
+    if PACK == 0:
+        ev, od = tl.split(tl.reshape(q, [ROWS, BS // 2, 2]))
+        pidx = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
+        tl.store(dst_ptr + pidx, ((ev << 4) | od).to(tl.uint8), mask=pidx < nunits)
+    else:
+        widx = blk[:, None] * (BS // 8) + tl.arange(0, BS // 8)[None, :]
+        if PACK == 2:
+            widx = tl.max_contiguous(widx, [1, 1])
+        tl.store(dst_ptr + widx, _pack8(q, ROWS, BS // 8), mask=widx < nunits)
     tl.store(absmax_ptr + blk, tl.where(tail, amc, am), mask=blk < nblocks)
 
 
 @triton.jit
-def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, n, nblocks,
-                   BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr, LUT: tl.constexpr):
+def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, offset_ptr, n, nblocks,
+                   BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr, LUT: tl.constexpr,
+                   HAS_OFFSET: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, BSP)
     idx = blk[:, None] * BS + col[None, :]
     m = (idx < n) & (col[None, :] < BS)
     x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    if HAS_OFFSET:  # quantize x - offset (double quantization), one float32 subtraction
+        x = tl.where(m, x - tl.load(offset_ptr), 0.0)
     am = tl.max(tl.abs(x), axis=1)
     if LUT:
         # bitsandbytes 0.50.2 CPU: index of grid point trunc(((s+1)*0.5)*65535+0.5) in a table
@@ -201,13 +312,10 @@ def _dequant8_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, BS,
     _store_out(out_ptr, idx, v, m, OUT, RNE_BITS)
 
 
-# ---- launch configuration -----------------------------------------------------------------
-_TILE_CONFIGS = [triton.Config({"ELEMS": e}, num_warps=w)
-                 for e, w in ((4096, 4), (8192, 4), (8192, 8), (16384, 8))]
-
-
-def _dq4_launch(packed, absmax, code, absmax2, code2, offset, out, n, nbytes, nblocks,
-                ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, **kw):
+# ---- launches: every variant of one op takes the same arguments ----------------------------
+def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
+               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, **kw):
+    nbytes = (n + 1) // 2
     cols = min(BS // 2, _COLS_MAX)
     rows = max(1, ELEMS // (2 * cols))
     grid = (triton.cdiv(triton.cdiv(nbytes, cols), rows),)
@@ -216,36 +324,149 @@ def _dq4_launch(packed, absmax, code, absmax2, code2, offset, out, n, nbytes, nb
                            RNE_BITS=RNE_BITS, enable_fp_fusion=False, **kw)
 
 
-def _q4_launch(x, packed, absmax, bounds, order, n, nbytes, nblocks, ELEMS, BS, HAS_ORDER, **kw):
+def _dq4_words(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
+               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
+    nwords = n // 8                                              # eligible: n % 8 == 0
+    wc = min(BS // 8, _WCOLS_MAX)
+    rows = max(1, ELEMS // (8 * wc))
+    grid = (triton.cdiv(triton.cdiv(nwords, wc), rows),)
+    _dequant4w_kernel[grid](packed.view(torch.int32), absmax, code, absmax2, code2, offset, out,
+                            nwords, nblocks, BS=BS, BS2=BS2, ROWS=rows, WC=wc, NESTED=NESTED,
+                            OUT=OUT, RNE_BITS=RNE_BITS, ONE_WORD=ONE_WORD,
+                            enable_fp_fusion=False, **kw)
+
+
+def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK, CELLS, **kw):
+    dst = packed.view(-1).view(torch.int32) if PACK else packed  # words: nbytes % 4 == 0
     rows = max(1, ELEMS // BS)
-    grid = (triton.cdiv(nblocks, rows),)
-    _quant4_kernel[grid](x, packed, absmax, bounds, order, n, nbytes, nblocks, BS=BS, ROWS=rows,
-                         HAS_ORDER=HAS_ORDER, enable_fp_fusion=False, **kw)
+    _quant4_kernel[(triton.cdiv(nblocks, rows),)](
+        x, dst, absmax, *tables, n, dst.numel(), nblocks, BS=BS, ROWS=rows,
+        HAS_ORDER=HAS_ORDER, PACK=PACK, CELLS=CELLS, enable_fp_fusion=False, **kw)
+
+
+# ---- tuner --------------------------------------------------------------------------------
+class Candidate(NamedTuple):
+    variant: str          # "bytes", "words", "words1", "bytes_tree" (quant)
+    launch: Callable
+    consts: dict          # variant constexprs
+    elems: int            # elements per program
+    num_warps: int
+
+    def describe(self, elems: Optional[int] = None) -> str:
+        return f"{self.variant} ELEMS={self.elems if elems is None else elems} " \
+               f"warps={self.num_warps}"
+
+
+_SIZES = ((2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8))  # (elements, warps)
+_TUNE_MIN = 1 << 20  # smaller tensors take the first eligible candidate, untimed
+
+
+def _candidates(variants) -> List[Candidate]:
+    return [Candidate(name, launch, consts, e, w) for name, launch, consts in variants
+            for e, w in _SIZES]
 
 
 class _Tuned:
-    """Pick the fastest tile config per key on CUDA (timed once with do_bench); the interpreter
-    always uses the first. Outputs are rewritten by every trial, so tuning is side-effect free."""
+    """Per key, the fastest eligible candidate on CUDA (each timed once with do_bench; below
+    ``_TUNE_MIN`` elements the first eligible one that compiles, untimed); a candidate that
+    raises is skipped with a warning. The interpreter runs the first eligible candidate on an
+    ``interp_elems`` tile. Every candidate rewrites all outputs, so trials are side-effect free.
+    ``force`` = (variant, elems, warps) pins a variant where it is eligible."""
 
-    def __init__(self, launch, configs, interp_elems=1024):
-        self.launch, self.configs, self.interp_elems, self.best = launch, configs, interp_elems, {}
+    def __init__(self, op: str, candidates: Sequence[Candidate], interp_elems: int = 1024):
+        self.op, self.candidates, self.interp_elems = op, list(candidates), interp_elems
+        self.best: Dict[tuple, Candidate] = {}
+        self.last: Optional[str] = None
+        self.force = None
 
-    def __call__(self, key, *args, **kwargs):
-        if _interpreting(args[0]):
-            return self.launch(*args, ELEMS=self.interp_elems, **kwargs)
+    def pick(self, key, eligible, time_fn: Callable[[Candidate], float],
+             first_ok: bool = False) -> Candidate:
+        """The eligible candidate with the least ``time_fn`` (ms; with ``first_ok`` the first
+        for which it does not raise), cached per key."""
         if key not in self.best:
-            times = []
-            for cfg in self.configs:
-                def run(cfg=cfg):
-                    self.launch(*args, **cfg.kwargs, num_warps=cfg.num_warps, **kwargs)
-                times.append(triton.testing.do_bench(run, warmup=5, rep=20))
-            self.best[key] = self.configs[min(range(len(times)), key=times.__getitem__)]
-        cfg = self.best[key]
-        return self.launch(*args, **cfg.kwargs, num_warps=cfg.num_warps, **kwargs)
+            best, best_ms, errors = None, math.inf, []
+            for cand in self.candidates:
+                if cand.variant not in eligible:
+                    continue
+                try:
+                    ms = time_fn(cand)
+                except Exception as e:  # noqa: BLE001 - e.g. a layout this Triton rejects
+                    errors.append(f"{cand.describe()}: {type(e).__name__}: {e}")
+                    continue
+                if ms < best_ms:
+                    best, best_ms = cand, ms
+                if first_ok:
+                    break
+            if errors:
+                warnings.warn(f"4-bit {self.op} tuner skipped {len(errors)} failing "
+                              f"candidate(s), first: {errors[0]}")
+            if best is None:
+                raise RuntimeError(f"4-bit {self.op}: every candidate failed: {errors}")
+            self.best[key] = best
+        return self.best[key]
+
+    def __call__(self, key, eligible, tune: bool, *args, **kwargs):
+        pool = [c for c in self.candidates if c.variant in eligible]
+        interp = _interpreting(args[0])
+        elems, note = (self.interp_elems, " (interpreted)") if interp else (None, "")
+        forced = [c for c in pool if self.force and c.variant == self.force[0]]
+        if forced:
+            elems = self.force[1] or elems
+            cand = forced[0]._replace(num_warps=self.force[2] or forced[0].num_warps)
+        elif interp or self.force:  # forced but ineligible: first eligible, untimed
+            cand = pool[0]
+        else:
+            def time_fn(c):
+                if not tune:
+                    self._run(c, None, args, kwargs)
+                    return 0.0
+                return triton.testing.do_bench(lambda: self._run(c, None, args, kwargs),
+                                               warmup=5, rep=20)
+            cand = self.pick(key, eligible, time_fn, first_ok=not tune)
+            note = "" if tune else " (untimed: small)"
+        self.last = cand.describe(elems) + note
+        self._run(cand, elems, args, kwargs)
+
+    @staticmethod
+    def _run(cand: Candidate, elems, args, kwargs):
+        cand.launch(*args, ELEMS=cand.elems if elems is None else elems, **cand.consts,
+                    **kwargs, num_warps=cand.num_warps)
 
 
-_dequant4 = _Tuned(_dq4_launch, _TILE_CONFIGS)
-_quant4 = _Tuned(_q4_launch, _TILE_CONFIGS)
+_dequant4 = _Tuned("dequant", _candidates([("words", _dq4_words, dict(ONE_WORD=False)),
+                                           ("words1", _dq4_words, dict(ONE_WORD=True)),
+                                           ("bytes", _dq4_bytes, {})]))
+_quant4 = _Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
+                                       ("words1", _q4_launch, dict(PACK=2, CELLS=True)),
+                                       ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
+                                       ("bytes_tree", _q4_launch, dict(PACK=0, CELLS=False))]))
+_TUNERS = {"dequant": _dequant4, "quant": _quant4}
+_ALL = ("words", "words1", "bytes", "bytes_tree")
+_BYTES = ("bytes", "bytes_tree")  # any n
+
+
+def last_choice(op: str) -> Optional[str]:
+    """What the last ``op`` call ("quant" / "dequant") ran: ``"<variant> ELEMS=<e> warps=<w>"``."""
+    return _TUNERS[op].last
+
+
+def tuner_choices() -> Dict[str, Dict[tuple, str]]:
+    """Per op, the tuned winner of every key timed so far (CUDA only)."""
+    return {op: {k: c.describe() for k, c in t.best.items()} for op, t in _TUNERS.items()}
+
+
+@contextmanager
+def forced_variant(op: str, variant: str, elems: Optional[int] = None,
+                   num_warps: Optional[int] = None):
+    """Run ``op`` with ``variant`` (where eligible; else the first eligible, untimed)."""
+    if variant not in _ALL:
+        raise ValueError(f"unknown 4-bit kernel variant {variant!r}; one of {_ALL}")
+    tuner = _TUNERS[op]
+    saved, tuner.force = tuner.force, (variant, elems, num_warps)
+    try:
+        yield
+    finally:
+        tuner.force = saved
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -256,17 +477,85 @@ def _size_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _word_aligned(t: torch.Tensor) -> bool:
+    return t.storage_offset() % 4 == 0 and t.data_ptr() % 4 == 0
+
+
+def _cell_table(quant_type: str) -> torch.Tensor:
+    """int64 [64]: the quantizer's lookup table, one entry per cell of normalised values ``s``.
+
+    Cell ``c = floor(16 |s|) + 32 [s > 0]`` (the kernel's float32 arithmetic; ``16 |s|`` is
+    exact, so the cell edges are exactly k/16, and +-0 fall in the lower half with the
+    negatives). Within a cell ``#(bounds < s)`` takes at most two values: the entry holds the
+    bound ``t`` where it steps (low 32 bits; +inf if it does not) and the two codes
+    ``lo | hi << 8`` (high bits, FP4's order applied), and the kernel emits ``s > t ? hi : lo``:
+    exactly ``order[#(bounds < s)]``. Cells are 1/16 wide, narrower than the distance between
+    any two bounds except FP4's three around 0 (-1/384, 0, 1/384), which the sign split
+    separates: s <= 0 never passes 0, s > 0 always does. Raises if a cell held two steps.
+    """
+    bounds, order = decision_bounds(get_code(quant_type))
+    b = bounds.numpy()
+    one = np.float32(1.0)
+
+    def count(v):
+        return int((b < np.float32(v)).sum())
+
+    table = np.zeros(64, dtype=np.int64)
+    for half in (0, 1):
+        for k in range(17):                    # |s| <= 1 (+ an ulp) -> k <= 16
+            lo_s, hi_s = np.float32(k / 16), np.nextafter(np.float32((k + 1) / 16), 0 * one)
+            if half == 0:                      # s in (-(k+1)/16, -k/16], -0 for k = 0
+                lo_s, hi_s = -hi_s, -lo_s
+            elif k == 0:                       # s in (0, 1/16)
+                lo_s = np.nextafter(np.float32(0), one)
+            c_lo, c_hi = count(lo_s), count(hi_s)
+            if c_hi - c_lo > 1:
+                raise RuntimeError(f"{quant_type}: cell {half}/{k} holds {c_hi - c_lo} steps")
+            t = b[c_lo] if c_hi > c_lo else np.float32(np.inf)
+            codes = int(order[c_lo]) | int(order[min(c_hi, 15)]) << 8
+            table[32 * half + k] = int(np.float32(t).view(np.uint32)) | codes << 32
+    return torch.from_numpy(table)
+
+
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device):
-    """Decision bounds and FP4 order table on ``device`` (cached; never handed out)."""
+    """(decision bounds, FP4 order, cell table) on ``device`` (cached; never handed out)."""
     bounds, order = decision_bounds(get_code(quant_type))
-    return bounds.to(device), order.to(torch.int32).to(device)
+    return (bounds.to(device), order.to(torch.int32).to(device),
+            _cell_table(quant_type).to(device))
 
 
 @lru_cache(maxsize=None)
 def _code_on(name: str, device: torch.device) -> torch.Tensor:
     """A table on ``device`` (cached; callers clone before handing it out)."""
     return dynamic_map(True, device=device) if name == "dynamic" else get_code(name, device)
+
+
+@lru_cache(maxsize=None)
+def _dynamic_lut_on(device: torch.device) -> torch.Tensor:
+    return lut_table(_code_on("dynamic", device))
+
+
+def _quant8(flat, code, lut, blocksize, rounding, offset=None):
+    """Launch the 8-bit kernel on flat ``flat`` (minus ``offset`` when given) -> flat codes."""
+    n = flat.numel()
+    nblocks = num_blocks(n, blocksize)
+    codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
+    bsp = triton.next_power_of_2(blocksize)
+    rows = max(1, 4096 // bsp)
+    _quant8_kernel[(triton.cdiv(nblocks, rows),)](
+        flat, codes, absmax, code, codes if lut is None else lut,
+        absmax if offset is None else offset, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows,
+        LUT=rounding == "lut", HAS_OFFSET=offset is not None, enable_fp_fusion=False,
+        num_warps=4)
+    return codes, absmax
+
+
+def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset):
+    """build_state's fused hook: 8-bit codes of ``absmax - offset`` (code2: the dynamic map)."""
+    lut = _dynamic_lut_on(absmax.device) if rounding == "lut" else None
+    return _quant8(absmax, code2, lut, blocksize, rounding, offset)
 
 
 # ---- public entry points ------------------------------------------------------------------
@@ -279,16 +568,17 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
     nblocks, nbytes = num_blocks(n, blocksize), (n + 1) // 2
     packed = torch.empty((nbytes, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    bounds, order = _tables(quant_type, x.device)
-    _quant4((blocksize, _size_bucket(n), x.dtype, quant_type), x, packed, absmax, bounds, order,
-            n, nbytes, nblocks, BS=blocksize, HAS_ORDER=quant_type != "nf4")
+    eligible = _ALL if nbytes % 4 == 0 else _BYTES
+    _quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
+            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, x.device), n, nblocks,
+            BS=blocksize, HAS_ORDER=quant_type != "nf4")
     # device-cached tables (cloned: the state owns them) avoid host-to-device copies, which
-    # would wait for the kernel; the finite check after all launches is the one sync
+    # would wait for the kernel; reading the mean back (or the scan) is the one sync
     state = build_state(absmax, w, blocksize, quant_type, double_quant, nested_rounding,
-                        quantize8=quantize_blockwise_8bit_triton,
+                        quantize8=_quant8_minus_offset, fused_offset=True,
                         code=_code_on(quant_type, x.device).clone(),
                         code2=_code_on("dynamic", x.device).clone() if double_quant else None)
-    check_finite_absmax(absmax)
+    check_finite_absmax(absmax, mean=state.offset if double_quant else None)
     return packed, state
 
 
@@ -298,15 +588,16 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
     out_dtype = check_dequantize_args(packed, state, out_dtype)
     n = state.numel
     out = torch.empty(state.shape, dtype=out_dtype, device=packed.device)
-    nblocks = state.absmax.numel()
     nested = state.nested
     absmax2 = state.state2.absmax if nested else state.absmax
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
     bs2 = state.state2.blocksize if nested else 1
-    _dequant4((state.blocksize, _size_bucket(n), out_dtype, nested), packed.contiguous(),
-              state.absmax.contiguous(), state.code.contiguous(), absmax2.contiguous(),
-              code2.contiguous(), offset, out, n, (n + 1) // 2, nblocks,
+    flat = packed.contiguous().view(-1)
+    eligible = _ALL if n % 8 == 0 and _word_aligned(flat) else _BYTES
+    _dequant4((state.blocksize, _size_bucket(n), out_dtype, nested, eligible), eligible,
+              n >= _TUNE_MIN, flat, state.absmax.contiguous(), state.code.contiguous(),
+              absmax2.contiguous(), code2.contiguous(), offset, out, n, state.absmax.numel(),
               BS=state.blocksize, BS2=bs2, NESTED=nested, OUT=_OUT_KIND[out_dtype],
               RNE_BITS=_interpreting(packed))
     return out
@@ -317,18 +608,10 @@ def quantize_blockwise_8bit_triton(x: torch.Tensor, code: Optional[torch.Tensor]
     """Kernel twin of ``quantize_blockwise_8bit_reference`` -> ``(uint8 like x, absmax f32)``."""
     code = check_quantize8_args(x, code, blocksize, rounding)
     code = _code_on("dynamic", x.device) if code is None else code
-    flat = x.detach().contiguous().view(-1)
-    n = flat.numel()
-    nblocks = num_blocks(n, blocksize)
-    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    bsp = triton.next_power_of_2(blocksize)
-    rows = max(1, 4096 // bsp)
-    lut = lut_table(code) if rounding == "lut" else codes
-    _quant8_kernel[(triton.cdiv(nblocks, rows),)](
-        flat, codes, absmax, code.contiguous(), lut, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows,
-        LUT=rounding == "lut", enable_fp_fusion=False, num_warps=4)
-    return codes, absmax
+    lut = lut_table(code) if rounding == "lut" else None
+    codes, absmax = _quant8(x.detach().contiguous().view(-1), code.contiguous(), lut, blocksize,
+                            rounding)
+    return codes.view(x.shape), absmax
 
 
 def dequantize_blockwise_8bit_triton(codes: torch.Tensor, absmax: torch.Tensor,

@@ -2,7 +2,9 @@
 
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so every
 case here is small; on a CUDA machine the same cases also run on the GPU, plus larger shapes.
-Bit-exact means identical bit patterns (so -0.0 vs +0.0 and bf16 rounding are caught).
+Bit-exact means identical bit patterns (so -0.0 vs +0.0 and bf16 rounding are caught). Every
+kernel variant (``bytes``, ``words``, ``words1``) is forced in turn, including the fallbacks to
+``bytes`` where the word kernels do not apply.
 """
 import pytest
 import torch
@@ -13,8 +15,9 @@ from peftlab.quant import (dequantize_4bit, dequantize_4bit_reference,
                            quantize_4bit_reference, quantize_blockwise_8bit_reference)
 
 pytest.importorskip("triton")
-from peftlab.kernels.quant4bit import (dequantize_4bit_triton,  # noqa: E402
-                                       dequantize_blockwise_8bit_triton, quantize_4bit_triton,
+from peftlab.kernels.quant4bit import (Candidate, _Tuned,  # noqa: E402
+                                       dequantize_4bit_triton, dequantize_blockwise_8bit_triton,
+                                       forced_variant, last_choice, quantize_4bit_triton,
                                        quantize_blockwise_8bit_triton)
 
 # Triton runs interpreted on the CPU only where there is no GPU (conftest sets TRITON_INTERPRET).
@@ -133,14 +136,35 @@ def test_kernel_entry_points_validate_like_the_reference(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_cuda_dispatch_and_large_shapes(quant_type):
-    w = torch.randn(1024, 4099, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("quant_type,shape", [("nf4", (1024, 4099)), ("fp4", (1024, 4099)),
+                                              ("nf4", (1023, 4099))])  # n % 8 = 5: bytes only
+def test_cuda_dispatch_and_large_shapes(quant_type, shape):
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     q, s = quantize_4bit(w, 64, quant_type, True)                 # dispatches to Triton
     rq, rs = quantize_4bit_reference(w, 64, quant_type, True)
     assert_bit_equal(q, rq)
     assert_states_equal(s, rs)
     assert_bit_equal(dequantize_4bit(q, s), dequantize_4bit_reference(q, s))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_every_tuner_candidate_is_bit_exact():
+    from peftlab.kernels.quant4bit import _dequant4, _quant4
+
+    w = make_weight((1024, 1032), torch.bfloat16, "cuda", 64, seed=7)   # n % 8 == 0, > 2^20
+    rq, rs = quantize_4bit_reference(w, 64, "nf4", True)
+    for c in _quant4.candidates:
+        with forced_variant("quant", c.variant, c.elems, c.num_warps):
+            q, s = quantize_4bit_triton(w, 64, "nf4", True)
+        assert last_choice("quant") == c.describe()
+        assert_bit_equal(q, rq)
+        assert_states_equal(s, rs)
+    ref = dequantize_4bit_reference(rq, rs)
+    for c in _dequant4.candidates:
+        with forced_variant("dequant", c.variant, c.elems, c.num_warps):
+            out = dequantize_4bit_triton(rq, rs)
+        assert last_choice("dequant") == c.describe()
+        assert_bit_equal(out, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,7 +203,168 @@ def test_bench_quant_smoke(tmp_path):
     ops = {(r["shape"], r["op"], r["impl"]) for r in rows}
     assert ("64x128", "dequant", "peftlab") in ops and ("33x130", "quant", "peftlab") in ops
     assert all(float(r["ms"]) > 0 and r["gpu"] and r["v_torch"] for r in rows)
+    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "bytes_tree")
+               for r in rows if r["impl"] == "peftlab")
     with open(tmp_path / f"bench_quant_check{suffix}.csv") as f:
         checks = list(csv.DictReader(f))
     assert len(checks) == 8 and all(c["ref_packed"] == "0" and c["ref_dequant"] == "0"
                                     for c in checks)
+
+
+QUANT_VARIANTS = ["bytes", "words", "words1", "bytes_tree"]
+DEQUANT_VARIANTS = ["bytes", "words", "words1"]
+VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 == 0 -> words
+    ("nf4", True, torch.bfloat16, (3, 1000), 64),       # ragged last block (3000 % 64 = 56)
+    ("fp4", False, torch.float32, (40, 32), 32),
+    ("nf4", False, torch.float16, (3, 4096), 4096),     # a block spans several tile rows
+    ("fp4", True, torch.bfloat16, (150, 64), 256),      # 38 blocks; nested
+    ("nf4", True, torch.float32, (2, 2047), 128),       # n % 8 == 6: bytes both ways
+    ("fp4", True, torch.float16, (1, 2047), 64),        # n % 8 == 7: words quant, bytes dequant
+]
+
+
+def _expected(variant, eligible):
+    return variant if eligible or variant == "bytes_tree" else "bytes"
+
+
+def _small_tiles(device):
+    return device == "cpu"  # interpreted: small tiles too, so that there are many programs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", QUANT_VARIANTS)
+@pytest.mark.parametrize("quant_type,double_quant,dtype,shape,blocksize", VARIANT_CASES)
+def test_forced_quant_variants_match_reference(device, variant, quant_type, double_quant, dtype,
+                                               shape, blocksize):
+    w = make_weight(shape, dtype, device, blocksize, seed=blocksize)
+    ref_q, ref_s = quantize_4bit_reference(w, blocksize, quant_type, double_quant)
+    for elems in (None, 256 if _small_tiles(device) else 16384):
+        with forced_variant("quant", variant, elems):
+            ker_q, ker_s = quantize_4bit_triton(w, blocksize, quant_type, double_quant)
+        words_ok = ((w.numel() + 1) // 2) % 4 == 0
+        assert last_choice("quant").split()[0] == _expected(variant, words_ok)
+        assert_bit_equal(ker_q, ref_q)
+        assert_states_equal(ker_s, ref_s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", DEQUANT_VARIANTS)
+@pytest.mark.parametrize("quant_type,double_quant,dtype,shape,blocksize", VARIANT_CASES)
+def test_forced_dequant_variants_match_reference(device, variant, quant_type, double_quant,
+                                                 dtype, shape, blocksize):
+    w = make_weight(shape, dtype, device, blocksize, seed=blocksize)
+    q, s = quantize_4bit_reference(w, blocksize, quant_type, double_quant)
+    tiles = (None, 256, 2048) if _small_tiles(device) else (None, 8192, 16384)
+    for out, elems in zip(OUT_DTYPES, tiles):
+        with forced_variant("dequant", variant, elems):
+            got = dequantize_4bit_triton(q, s, out)
+        assert last_choice("dequant").split()[0] == _expected(variant, w.numel() % 8 == 0)
+        assert_bit_equal(got, dequantize_4bit_reference(q, s, out))
+
+
+def _edge_weight(device):
+    """Blocks of 64 led by +-1, so that the normalised values are the weights themselves: every
+    cell edge k/16 and every NF4/FP4 decision bound, each +-2 ulps, both signs, values near 0;
+    then a subnormal block and a ragged last block (which divides instead of multiplying)."""
+    from peftlab.quant.codes import decision_bounds, get_code
+
+    f32 = torch.float32
+    centre = torch.cat([torch.arange(17, dtype=f32) / 16]
+                       + [decision_bounds(get_code(qt))[0].abs() for qt in ("nf4", "fp4")])
+    up1 = torch.nextafter(centre, torch.tensor(2.0))
+    dn1 = torch.nextafter(centre, torch.tensor(-2.0))
+    near = [centre, up1, dn1, torch.nextafter(up1, torch.tensor(2.0)),
+            torch.nextafter(dn1, torch.tensor(-2.0)),
+            torch.tensor([0.0, 1e-45, 1e-38, 1e-30, 1e-8, 1 - 2 ** -24], dtype=f32)]
+    mags = torch.cat(near).clamp(max=1.0)
+    vals = torch.cat([mags, -mags, torch.tensor([-0.0])])
+    blocks = torch.cat([vals, torch.zeros((-vals.numel()) % 63)]).view(-1, 63)
+    lead = torch.where(torch.arange(blocks.shape[0]) % 2 == 0, 1.0, -1.0)[:, None]
+    w = torch.cat([lead, blocks], dim=1).view(-1)
+    subnormal = torch.linspace(-1, 1, 64) * 1e-39         # absmax below the 1e-38 floor
+    return torch.cat([w, subnormal, w[:40]]).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type):
+    w = _edge_weight(device)
+    ref_q, ref_s = quantize_4bit_reference(w, 64, quant_type, False)
+    for variant in QUANT_VARIANTS:
+        with forced_variant("quant", variant):
+            ker_q, ker_s = quantize_4bit_triton(w, 64, quant_type, False)
+        assert_bit_equal(ker_q, ref_q)
+        assert_states_equal(ker_s, ref_s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["words", "words1"])
+def test_word_dequant_falls_back_on_misaligned_packed(device, variant):
+    w = make_weight((4, 256), torch.float32, device, 64, seed=5)
+    q, s = quantize_4bit_reference(w, 64, "nf4", True)
+    buf = torch.zeros(q.numel() + 1, dtype=torch.uint8, device=device)
+    buf[1:] = q.view(-1)
+    shifted = buf[1:].view(-1, 1)                   # storage offset 1: not word aligned
+    with forced_variant("dequant", variant):
+        got = dequantize_4bit_triton(shifted, s, torch.bfloat16)
+    assert last_choice("dequant").startswith("bytes")
+    assert_bit_equal(got, dequantize_4bit_reference(q, s, torch.bfloat16))
+    with forced_variant("dequant", variant):
+        dequantize_4bit_triton(q, s, torch.bfloat16)
+    assert last_choice("dequant").startswith(variant)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing inf * 0
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_raise_like_the_reference(device, double_quant, bad):
+    w = torch.randn(5 * 64, device=device)
+    w[3 * 64 + 7] = bad
+    for fn in (quantize_4bit_reference, quantize_4bit_triton):
+        with pytest.raises(QuantError, match="block 3 contains NaN or Inf values"):
+            fn(w, 64, "nf4", double_quant)
+
+
+def test_check_finite_absmax_trusts_a_finite_mean_and_scans_otherwise():
+    from peftlab.quant.functional import check_finite_absmax
+
+    big = torch.full((4,), 3e38)                    # finite, but the sum overflows
+    mean = big.mean()
+    assert not torch.isfinite(mean)
+    check_finite_absmax(big, mean=mean)             # the scan finds nothing: proceed
+    bad = torch.tensor([1.0, 2.0, float("nan")])
+    with pytest.raises(QuantError, match="block 2"):
+        check_finite_absmax(bad, mean=bad.mean())
+    with pytest.raises(QuantError, match="block 2"):
+        check_finite_absmax(bad)
+    check_finite_absmax(torch.tensor([1.0, 2.0]), mean=torch.tensor(1.5))
+
+
+def test_tuner_keeps_the_fastest_eligible_candidate_and_skips_failures():
+    cands = [Candidate(v, None, {}, e, 4) for v in ("words", "bytes") for e in (1, 2)]
+    times = {("words", 1): 3.0, ("words", 2): None, ("bytes", 1): 2.0, ("bytes", 2): 5.0}
+    calls = []
+
+    def time_fn(c):
+        calls.append(c)
+        if times[(c.variant, c.elems)] is None:
+            raise RuntimeError("does not compile")
+        return times[(c.variant, c.elems)]
+
+    tuner = _Tuned("dequant", cands)
+    with pytest.warns(UserWarning, match="skipped 1 failing"):
+        assert tuner.pick("k", ("words", "bytes"), time_fn) == cands[2]
+    assert len(calls) == 4
+    assert tuner.pick("k", ("words", "bytes"), time_fn) == cands[2] and len(calls) == 4  # cached
+    with pytest.warns(UserWarning):
+        assert tuner.pick("k2", ("words",), time_fn) == cands[0]         # bytes not eligible
+    times[("words", 1)] = None
+    with pytest.warns(UserWarning):                 # untimed: first that runs, in order
+        assert tuner.pick("k4", ("words", "bytes"), time_fn, first_ok=True) == cands[2]
+    times[("bytes", 1)] = times[("bytes", 2)] = None
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every candidate"):
+        tuner.pick("k5", ("words", "bytes"), time_fn)
+    with pytest.raises(ValueError, match="unknown"):
+        with forced_variant("dequant", "nibbles"):
+            pass

@@ -55,6 +55,7 @@ of two; others raise QuantError). ``quantize_4bit`` dispatches to the Triton ker
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -80,7 +81,16 @@ def check_quantize_args(w, blocksize, quant_type, nested_rounding) -> None:
                          f"{ROUNDINGS}")
 
 
-def check_finite_absmax(absmax: torch.Tensor, what: str = "quantize_4bit: weight") -> None:
+def check_finite_absmax(absmax: torch.Tensor, what: str = "quantize_4bit: weight",
+                        mean: Optional[torch.Tensor] = None) -> None:
+    """QuantError naming the first block whose absmax is NaN or Inf.
+
+    ``mean``: ``absmax.mean()`` when already computed (double quantization's offset). absmax is
+    >= 0 or NaN, so a finite mean proves every block finite and the scan is skipped (one scalar
+    read); a non-finite mean (a bad block, or a sum that overflowed) falls back to the scan.
+    """
+    if mean is not None and math.isfinite(float(mean)):
+        return
     bad = ~torch.isfinite(absmax)
     if bool(bad.any()):
         block = int(bad.nonzero()[0, 0])
@@ -91,10 +101,13 @@ def build_state(absmax: torch.Tensor, w: torch.Tensor, blocksize: int, quant_typ
                 double_quant: bool, nested_rounding: str,
                 quantize8: Callable = quantize_blockwise_8bit_reference,
                 code: Optional[torch.Tensor] = None,
-                code2: Optional[torch.Tensor] = None) -> QuantState:
+                code2: Optional[torch.Tensor] = None,
+                fused_offset: bool = False) -> QuantState:
     """Assemble the QuantState from float32 absmax, double-quantizing it when asked.
 
     ``quantize8(x, code, blocksize, rounding)`` is the 8-bit quantizer (reference or kernel);
+    with ``fused_offset`` it is called as ``quantize8(absmax, code, blocksize, rounding,
+    offset)`` and quantizes ``absmax - offset`` itself (a kernel that fuses the subtraction).
     ``code`` / ``code2`` (the 4-bit table and the dynamic map, owned by the new state) default
     to fresh tables on ``absmax``'s device.
     """
@@ -104,7 +117,10 @@ def build_state(absmax: torch.Tensor, w: torch.Tensor, blocksize: int, quant_typ
                           quant_type=quant_type, code=code)
     offset = absmax.mean()
     code2 = dynamic_map(True, device=absmax.device) if code2 is None else code2
-    qabs, absmax2 = quantize8(absmax - offset, code2, NESTED_BLOCKSIZE, nested_rounding)
+    if fused_offset:
+        qabs, absmax2 = quantize8(absmax, code2, NESTED_BLOCKSIZE, nested_rounding, offset)
+    else:
+        qabs, absmax2 = quantize8(absmax - offset, code2, NESTED_BLOCKSIZE, nested_rounding)
     return QuantState(absmax=qabs, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                       quant_type=quant_type, code=code, offset=offset,
                       state2=NestedState(absmax=absmax2, code=code2, blocksize=NESTED_BLOCKSIZE))
