@@ -30,7 +30,7 @@ step() {  # name, seconds, command...   (ONLY="a b" runs just those steps)
   tail -n "${TAIL:-25}" "$RES/gpu_check_$name.log"
   echo "=== $name exit $rc"
 }
-TAIL=40 step bench_quant 90 python3 experiments/bench_quant.py --out "$RES"
+TAIL=40 step bench_quant "${QUANT_LIMIT:-170}" python3 experiments/bench_quant.py --out "$RES"
 TAIL=60 step bench_kernels "${KERNELS_LIMIT:-260}" python3 experiments/bench_kernels.py --out "$RES"
 TAIL=40 step bench_optim "${OPTIM_LIMIT:-150}" python3 experiments/bench_optim.py --out "$RES"
 # TESTS / TESTS_LIMIT choose the test files and their time limit; the files run as parallel
