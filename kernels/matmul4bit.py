@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -48,6 +47,7 @@ from peftlab.quant.state import QuantState
 from .decode4bit import planes, prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
                                  _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
+from .tuning import fastest
 
 MAX_SPLIT = 32
 GEMV_MAX_M = 8          # rows of x up to which the CUDA-core GEMV kernel runs (fast layout only)
@@ -330,17 +330,10 @@ def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None
         key = (bm, N, K, q.bs, q.nested, x.dtype, use_prmt, bias is not None, str(x.device))
         config = _GEMV_BEST.get(key)
         if config is None:
-            times = []
-            for c in GEMV_CONFIGS:
-                try:
-                    times.append(triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25))
-                except Exception as e:  # noqa: BLE001 - e.g. out of resources: not a candidate
-                    if len(times) == len(GEMV_CONFIGS) - 1 and not any(t < float("inf") for t in times):
-                        raise
-                    times.append(float("inf"))
-                    warnings.warn(f"matmul_4bit: GEMV tile {c} unusable here ({type(e).__name__})")
-            config = _GEMV_BEST[key] = GEMV_CONFIGS[min(range(len(times)), key=times.__getitem__)]
-            GEMV_TIMES[key] = list(zip(GEMV_CONFIGS, times))
+            config, GEMV_TIMES[key] = fastest(
+                GEMV_CONFIGS, lambda c: triton.testing.do_bench(lambda: launch(c), warmup=5,
+                                                                rep=25), "matmul_4bit GEMV")
+            _GEMV_BEST[key] = config
     launch(config)
 
 

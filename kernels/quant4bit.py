@@ -75,12 +75,9 @@ Entry points have the contracts of the references: ``quantize_4bit_triton``,
 """
 from __future__ import annotations
 
-import math
-import os
-import warnings
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -96,6 +93,7 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
 from peftlab.quant.state import QuantState
 
 from .decode4bit import decode8, interleave8
+from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _COLS_MAX = 64   # packed bytes per byte-dequant tile row (128 outputs)
@@ -345,19 +343,8 @@ def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK
 
 
 # ---- tuner --------------------------------------------------------------------------------
-class Candidate(NamedTuple):
-    variant: str          # "bytes", "words", "words1", "bytes_tree" (quant)
-    launch: Callable
-    consts: dict          # variant constexprs
-    elems: int            # elements per program
-    num_warps: int
-
-    def describe(self, elems: Optional[int] = None) -> str:
-        return f"{self.variant} ELEMS={self.elems if elems is None else elems} " \
-               f"warps={self.num_warps}"
-
-
-_SIZES = ((2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8))  # (elements, warps)
+# (elements, warps); on the H200 (Triton 3.6) 2048 x 4 won every key, larger tiles never did
+_SIZES = ((2048, 4), (4096, 4), (8192, 8))
 _TUNE_MIN = 1 << 20  # smaller tensors take the first eligible candidate, untimed
 
 
@@ -366,77 +353,10 @@ def _candidates(variants) -> List[Candidate]:
             for e, w in _SIZES]
 
 
-class _Tuned:
-    """Per key, the fastest eligible candidate on CUDA (each timed once with do_bench; below
-    ``_TUNE_MIN`` elements the first eligible one that compiles, untimed); a candidate that
-    raises is skipped with a warning. The interpreter runs the first eligible candidate on an
-    ``interp_elems`` tile. Every candidate rewrites all outputs, so trials are side-effect free.
-    ``force`` = (variant, elems, warps) pins a variant where it is eligible."""
-
-    def __init__(self, op: str, candidates: Sequence[Candidate], interp_elems: int = 1024):
-        self.op, self.candidates, self.interp_elems = op, list(candidates), interp_elems
-        self.best: Dict[tuple, Candidate] = {}
-        self.last: Optional[str] = None
-        self.force = None
-
-    def pick(self, key, eligible, time_fn: Callable[[Candidate], float],
-             first_ok: bool = False) -> Candidate:
-        """The eligible candidate with the least ``time_fn`` (ms; with ``first_ok`` the first
-        for which it does not raise), cached per key."""
-        if key not in self.best:
-            best, best_ms, errors = None, math.inf, []
-            for cand in self.candidates:
-                if cand.variant not in eligible:
-                    continue
-                try:
-                    ms = time_fn(cand)
-                except Exception as e:  # noqa: BLE001 - e.g. a layout this Triton rejects
-                    errors.append(f"{cand.describe()}: {type(e).__name__}: {e}")
-                    continue
-                if ms < best_ms:
-                    best, best_ms = cand, ms
-                if first_ok:
-                    break
-            if errors:
-                warnings.warn(f"4-bit {self.op} tuner skipped {len(errors)} failing "
-                              f"candidate(s), first: {errors[0]}")
-            if best is None:
-                raise RuntimeError(f"4-bit {self.op}: every candidate failed: {errors}")
-            self.best[key] = best
-        return self.best[key]
-
-    def __call__(self, key, eligible, tune: bool, *args, **kwargs):
-        pool = [c for c in self.candidates if c.variant in eligible]
-        interp = _interpreting(args[0])
-        elems, note = (self.interp_elems, " (interpreted)") if interp else (None, "")
-        forced = [c for c in pool if self.force and c.variant == self.force[0]]
-        if forced:
-            elems = self.force[1] or elems
-            cand = forced[0]._replace(num_warps=self.force[2] or forced[0].num_warps)
-        elif interp or self.force:  # forced but ineligible: first eligible, untimed
-            cand = pool[0]
-        else:
-            def time_fn(c):
-                if not tune:
-                    self._run(c, None, args, kwargs)
-                    return 0.0
-                return triton.testing.do_bench(lambda: self._run(c, None, args, kwargs),
-                                               warmup=5, rep=20)
-            cand = self.pick(key, eligible, time_fn, first_ok=not tune)
-            note = "" if tune else " (untimed: small)"
-        self.last = cand.describe(elems) + note
-        self._run(cand, elems, args, kwargs)
-
-    @staticmethod
-    def _run(cand: Candidate, elems, args, kwargs):
-        cand.launch(*args, ELEMS=cand.elems if elems is None else elems, **cand.consts,
-                    **kwargs, num_warps=cand.num_warps)
-
-
-_dequant4 = _Tuned("dequant", _candidates([("words", _dq4_words, dict(ONE_WORD=False)),
+_dequant4 = Tuned("dequant", _candidates([("words", _dq4_words, dict(ONE_WORD=False)),
                                            ("words1", _dq4_words, dict(ONE_WORD=True)),
                                            ("bytes", _dq4_bytes, {})]))
-_quant4 = _Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
+_quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
                                        ("words1", _q4_launch, dict(PACK=2, CELLS=True)),
                                        ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
                                        ("bytes_tree", _q4_launch, dict(PACK=0, CELLS=False))]))
@@ -467,10 +387,6 @@ def forced_variant(op: str, variant: str, elems: Optional[int] = None,
         yield
     finally:
         tuner.force = saved
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return (not t.is_cuda) or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _size_bucket(n: int) -> int:

@@ -15,10 +15,10 @@ from peftlab.quant import (dequantize_4bit, dequantize_4bit_reference,
                            quantize_4bit_reference, quantize_blockwise_8bit_reference)
 
 pytest.importorskip("triton")
-from peftlab.kernels.quant4bit import (Candidate, _Tuned,  # noqa: E402
-                                       dequantize_4bit_triton, dequantize_blockwise_8bit_triton,
-                                       forced_variant, last_choice, quantize_4bit_triton,
+from peftlab.kernels.quant4bit import (dequantize_4bit_triton,  # noqa: E402
+                                       dequantize_blockwise_8bit_triton, forced_variant, last_choice, quantize_4bit_triton,
                                        quantize_blockwise_8bit_triton)
+from peftlab.kernels.tuning import Candidate, Tuned  # noqa: E402
 
 # Triton runs interpreted on the CPU only where there is no GPU (conftest sets TRITON_INTERPRET).
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -352,7 +352,7 @@ def test_tuner_keeps_the_fastest_eligible_candidate_and_skips_failures():
             raise RuntimeError("does not compile")
         return times[(c.variant, c.elems)]
 
-    tuner = _Tuned("dequant", cands)
+    tuner = Tuned("dequant", cands)
     with pytest.warns(UserWarning, match="skipped 1 failing"):
         assert tuner.pick("k", ("words", "bytes"), time_fn) == cands[2]
     assert len(calls) == 4
