@@ -52,7 +52,7 @@ def main():
             print(f"{N}x{K:<7d} {M:2d} {bf16 * 1e3:8.1f} {res['gemv'] * 1e3:8.1f} "
                   f"{res['dot'] * 1e3:8.1f}  {bf16 / res['gemv']:8.2f}x {bf16 / res['dot']:7.2f}x"
                   f"  {win}")
-        del reps, w, packed, state
+        reps = w = packed = state = None
         torch.cuda.empty_cache()
 
 
