@@ -7,9 +7,9 @@ does that for ``x [..., K]``, ``W [N, K]`` stored as ``packed`` uint8 ``[(N*K+1)
 ``[..., N]`` is in x's dtype (the compute dtype: bfloat16, float16 or float32).
 
 Dispatch: on CUDA the Triton kernels of ``matmul4bit_kernels.py`` (the weight is decoded tile by
-tile inside the kernel; the full-precision W never exists in memory): for M = prod(x.shape[:-1])
-<= GEMV_MAX_M a CUDA-core GEMV (split-K, tile picked by timing on first use per shape), else a
-tiled tensor-core GEMM (split-K when M is small); both use the PRMT decoder of ``decode4bit.py``
+tile inside the kernel; the full-precision W never exists in memory): a tiled tensor-core GEMM,
+split-K when M = prod(x.shape[:-1]) is small (for M <= GEMV_MAX_M, 0 by default since it lost
+every measured case, a CUDA-core GEMV instead, its tile picked by timing); both use the PRMT decoder of ``decode4bit.py``
 once it has passed its on-device check (``decoder="table"`` or ``PEFTLAB_4BIT_DECODER=table``
 forces the portable one). Elsewhere the reference twin: ``dequantize_4bit`` to x's dtype, then
 ``F.linear``. ``impl="triton"`` forces the kernels (tests run them on the CPU under
@@ -50,7 +50,12 @@ from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _m
 from .tuning import fastest
 
 MAX_SPLIT = 32
-GEMV_MAX_M = 8          # rows of x up to which the CUDA-core GEMV kernel runs (fast layout only)
+# Rows of x up to which the CUDA-core GEMV kernel runs (fast layout only). 0: never by default.
+# Measured on the H200 (experiments/gemv_vs_dot.py, results/logs/h200_gemv_vs_dot.log): the
+# split-K tensor-core kernel is faster at every M = 1..8 on every shape (M = 1: 132 vs 138 us on
+# 28672x8192); the GEMV's cost grows with M (BM FMAs per decoded weight) while the MMA's is flat.
+# The GEMV stays as a measured alternative: set GEMV_MAX_M, or pass a tuple ``config``.
+GEMV_MAX_M = 0
 # GEMV tiles: (BN rows of W, BK elements of K per step, warps, programs per SM wanted, prefetch);
 # on CUDA the fastest per (M bucket, N, K, blocksize, nesting, dtype, decoder) is picked by timing
 # More rows per tile means more rows per thread sharing one load and conversion of x.

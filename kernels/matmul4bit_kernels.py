@@ -28,7 +28,9 @@ memory. Two kernels, both tiled around ``tl.dot`` (tensor cores, float32 accumul
     - large M (prefill, training): on the weight tile in the compute dtype (bf16 multiply, fp32
       for fp16) before the dot, so the accumulation stays a chain of wgmma; big tiles (128x128 to
       256x128) reuse each decoded weight tile for 128-256 rows of x (decode / MMA ~ 1 / BM).
-* ``_mm4_gemv_kernel``, M <= 8 (decode) with the fast layout: no tensor cores. The decoded
+* ``_mm4_gemv_kernel`` (opt-in, ``matmul4bit.GEMV_MAX_M``; slower than the split-K MMA path at
+  every measured M = 1..8 on the H200, being issue-bound on decode + conversion + FMA): no
+  tensor cores. The decoded
   codes stay de-interleaved (code j of every word), x is loaded de-interleaved to match, and the
   products are reduced in float32 registers (derivation in its docstring); the next K step's
   words are loaded before this step's decode. Split-K as below.

@@ -105,8 +105,9 @@ def test_backward_input_matches_float64_oracle(M, N, K, bs, qt, dq, dtype, decod
     assert rel_err(gx, g.double().cpu() @ W) < TOL[dtype]
 
 
-@pytest.mark.parametrize("M", [17, 3])                     # tensor-core tile, GEMV
-def test_split_k_is_deterministic_and_resets_counters(M):
+@pytest.mark.parametrize("M,gemv", [(17, False), (3, False), (3, True)])
+def test_split_k_is_deterministic_and_resets_counters(M, gemv, monkeypatch):
+    monkeypatch.setattr(mm, "GEMV_MAX_M", 8 if gemv else 0)   # route small M to the GEMV or not
     packed, state, _ = make(96, 256)
     x = torch.randn(M, 256, device=DEV, dtype=torch.float16)
     args = (packed, state.code, state.absmax, 96, 256, 64)
