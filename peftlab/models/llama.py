@@ -164,6 +164,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def project(x: torch.Tensor, layers) -> List[torch.Tensor]:
+    """[m(x) for m in layers] for linear layers that read the same x (q/k/v; gate/up).
+
+    A layer class may compute such a group together through `forward_group(layers, x)`, which
+    returns None where it does not apply; LoRA layers do (one autograd node whose backward handles
+    all the adapters in shared GEMMs, see tuners/lora_layers.py). nn.Linear layers are called one by one.
+    """
+    group = getattr(layers[0], "forward_group", None)
+    out = group(layers, x) if group is not None else None
+    return out if out is not None else [m(x) for m in layers]
+
+
 class KVCache:
     """Per-layer keys and values [B, G, S, D], grown in place as tokens arrive.
 
@@ -215,9 +227,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache: Optional[KVCache]):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
@@ -243,7 +256,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
