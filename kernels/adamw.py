@@ -9,7 +9,8 @@ The update (Loshchilov & Hutter, arXiv 1711.05101, Alg. 2; scalars as in torch.o
                                                  step_size = lr / (1 - beta1^t)
                                                  bc2_sqrt  = sqrt(1 - beta2^t)
 
-One launch updates a whole chunk (see peftlab/optim/layout.py): every program takes one BLOCK of
+One launch updates a whole chunk (see peftlab/optim/layout.py), or every resident 32-bit chunk
+at once (state offsets then relative to the first chunk's views): every program takes one BLOCK of
 one segment, reads parameter, gradient and both states once, and writes parameter and states
 once (7 memory accesses per element, the minimum). Parameters and gradients of a chunk live at
 unrelated addresses, so the kernel gets one base tensor of each and per-segment element offsets
@@ -105,16 +106,17 @@ def _adamw32_kernel(p_base, g_base, m_ptr, v_ptr, blocks, segs, addrs, hyper,
     pid = tl.program_id(0)
     s = tl.load(blocks + 2 * pid)
     start = tl.load(blocks + 2 * pid + 1) * BLOCK
-    soff = tl.load(segs + 2 * s) * 8
-    n = tl.load(segs + 2 * s + 1)
+    moff = tl.load(segs + 3 * s) * 8
+    voff = tl.load(segs + 3 * s + 1) * 8
+    n = tl.load(segs + 3 * s + 2)
     poff = tl.load(addrs + 2 * s) * ALIGN
     goff = tl.load(addrs + 2 * s + 1) * ALIGN
     h = hyper + 8 * s
     idx = start + tl.arange(0, BLOCK)
     pp = p_base + poff + idx
     gp = g_base + goff + idx
-    mp = m_ptr + soff + idx
-    vp = v_ptr + soff + idx
+    mp = m_ptr + moff + idx
+    vp = v_ptr + voff + idx
     if tl.load(h + 7) != 0.0:
         if start + BLOCK <= n:
             _adamw32_block(pp, gp, mp, vp, h, idx < n, False, RTNE_BF16)
@@ -125,14 +127,18 @@ def _adamw32_kernel(p_base, g_base, m_ptr, v_ptr, blocks, segs, addrs, hyper,
 def adamw32_chunk(p_base: torch.Tensor, g_base: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                   blocks: torch.Tensor, segs: torch.Tensor, addrs: torch.Tensor,
                   hyper: torch.Tensor, align: int) -> None:
-    """Update every segment of a 32-bit chunk in one launch.
+    """Update every segment of one 32-bit chunk, or of several resident ones, in one launch.
 
-    p_base, g_base: any parameter / gradient of the chunk (the offsets are relative to them);
-    m, v: float32 [N] state views; blocks: int32 [programs, 2] (segment, block in segment);
-    segs: int64 [S, 2] (state offset / 8, length); addrs: int64 [S, 2] (param offset / align,
-    grad offset / align); hyper: float32 [S, 8]; align: 8 if every offset is a multiple of 8
-    elements, else 1.
+    p_base, g_base: any parameter / gradient (the offsets are relative to them); m, v: float32
+    state views the state offsets are relative to (one chunk's, or the first of several: the
+    offsets of the others then include the distance between the buffers); blocks: int32
+    [programs, 2] (segment, block in segment); segs: int64 [S, 3] (m offset / 8, v offset / 8,
+    length), or [S, 2] (state offset / 8, length) for one chunk's own views; addrs: int64 [S, 2]
+    (param offset / align, grad offset / align); hyper: float32 [S, 8]; align: 8 if every param and
+    grad offset is a multiple of 8 elements, else 1.
     """
+    if segs.shape[1] == 2:                      # one chunk: m and v at the same offsets
+        segs = torch.cat([segs[:, :1], segs], 1).contiguous()
     grid = (blocks.shape[0],)
     _adamw32_kernel[grid](p_base, g_base, m, v, blocks, segs, addrs, hyper, BLOCK=BLOCK32,
                           ALIGN=align, RTNE_BF16=p_base.dtype == torch.bfloat16,

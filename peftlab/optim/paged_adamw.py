@@ -201,7 +201,8 @@ class PagedAdamW(torch.optim.Optimizer):
             for k, s in enumerate(c.segments):
                 self._param_segments.setdefault(s.param, []).append((c.index, k))
         self._impl = self._choose_impl()
-        self._dev_tables: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # device tables: per chunk id (blocks, segs); per resident group (ids, ptrs) its merged pair
+        self._dev_tables: Dict[object, Optional[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self._codes = None
         self._store = StateStore(self.chunks, self.device, self.num_slots)
         self._store.place(self._initial_residency())
@@ -317,16 +318,17 @@ class PagedAdamW(torch.optim.Optimizer):
         seg_active = has_grad[self._seg_param]
         chunk_ids = [c for c in range(len(self.chunks))
                      if seg_active[self._seg0[c]:self._seg0[c + 1]].any()]
+        update_resident = None
         if self._impl == "triton":
-            update = self._triton_updater(flat_grads, has_grad, rows, chunk_ids)
+            update, update_resident = self._triton_updater(flat_grads, has_grad, rows, chunk_ids)
         else:
             scalars = {i: table[k] for i, k in zip(idx.tolist(), inv.tolist())}
             update = self._reference_updater(flat_grads, has_grad, scalars)
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
-                self._store.run(chunk_ids, update)
+                self._store.run(chunk_ids, update, update_resident)
         else:
-            self._store.run(chunk_ids, update)
+            self._store.run(chunk_ids, update, update_resident)
         return loss
 
     def _prepare_grads(self, grads, has_grad) -> List[Optional[torch.Tensor]]:
@@ -419,63 +421,124 @@ class PagedAdamW(torch.optim.Optimizer):
         return self._staged[self._staged_turn][:n]
 
     def _triton_updater(self, flat_grads, has_grad, rows, chunk_ids):
+        """(update(chunk, views), update_resident(ids)) for StateStore.run: one kernel launch per
+        paged chunk, and one for all resident 32-bit chunks together (a launch costs the host
+        more than a 64 MiB chunk costs the GPU)."""
         from peftlab.kernels.adamw import BLOCK32, QBLOCK, adamw8_chunk, adamw32_chunk
 
         params = self._params
-        n_seg = len(self._seg_param)
         sp = self._seg_param
         p_ptr = np.array([p.data_ptr() for p in params], dtype=np.int64)
         g_ptr = np.array([0 if g is None else g.data_ptr() for g in flat_grads], dtype=np.int64)
-        esize = self._esize
         seg_active = has_grad[sp]
-        # per-chunk bases: the first segment's parameter, the first active segment's gradient
-        base_p = np.zeros(n_seg, dtype=np.int64)
-        base_g = np.zeros(n_seg, dtype=np.int64)
-        gbase_param: Dict[int, int] = {}
-        for c in chunk_ids:
-            a, b = self._seg0[c], self._seg0[c + 1]
-            first_active = sp[a + int(np.argmax(seg_active[a:b]))]
-            gbase_param[c] = int(first_active)
-            base_p[a:b] = p_ptr[sp[a]]
-            base_g[a:b] = g_ptr[first_active]
-        es = esize[sp]
-        p_off = (p_ptr[sp] - base_p) // es + self._seg_start
-        g_off = np.where(seg_active, (g_ptr[sp] - base_g) // es + self._seg_start, 0)
+        dev = self._store.dev
+        together = [c for c in chunk_ids if self.chunks[c].bits == 32 and dev[c] is not None]
+        if len(together) < 2:
+            together = []
+        groups = ([tuple(together)] if together else []) + [(c,) for c in chunk_ids
+                                                            if c not in together]
+        # the per-step tables hold each group's segments contiguously: rows[lo:hi] of group g
+        order = np.concatenate([np.arange(self._seg0[c], self._seg0[c + 1]) for g in groups for c in g]
+                               ) if groups else np.zeros(0, dtype=np.int64)
+        n = len(order)
+        base_p = np.zeros(n, dtype=np.int64)
+        base_g = np.zeros(n, dtype=np.int64)
+        span: Dict[tuple, Tuple[int, int]] = {}
+        gbase_param: Dict[tuple, int] = {}
+        lo = 0
+        for g in groups:
+            hi = lo + sum(self._seg0[c + 1] - self._seg0[c] for c in g)
+            segs_g = order[lo:hi]
+            # bases: the group's first parameter, its first active segment's gradient
+            first_active = int(sp[segs_g[int(np.argmax(seg_active[segs_g]))]])
+            gbase_param[g] = first_active
+            base_p[lo:hi] = p_ptr[sp[segs_g[0]]]
+            base_g[lo:hi] = g_ptr[first_active]
+            span[g] = (lo, hi)
+            lo = hi
+        spo = sp[order]
+        es = self._esize[spo]
+        active = seg_active[order]
+        p_off = (p_ptr[spo] - base_p) // es + self._seg_start[order]
+        g_off = np.where(active, (g_ptr[spo] - base_g) // es + self._seg_start[order], 0)
         misaligned = ((p_off % 8) != 0) | ((g_off % 8) != 0)
-        align = {c: 1 if misaligned[self._seg0[c]:self._seg0[c + 1]].any() else 8 for c in chunk_ids}
-        seg_align = np.ones(n_seg, dtype=np.int64)
-        for c, al in align.items():
-            seg_align[self._seg0[c]:self._seg0[c + 1]] = al
-        t = self._staging(n_seg * 6)
+        align = {g: 1 if misaligned[a:b].any() else 8 for g, (a, b) in span.items()}
+        seg_align = np.ones(n, dtype=np.int64)
+        for g, (a, b) in span.items():
+            seg_align[a:b] = align[g]
+        t = self._staging(n * 6)
         host = t.numpy()
-        host[: 2 * n_seg].reshape(n_seg, 2)[:] = np.stack([p_off // seg_align, g_off // seg_align], 1)
-        host[2 * n_seg:].view(np.float32).reshape(n_seg, 8)[:] = rows[sp]
+        host[: 2 * n].reshape(n, 2)[:] = np.stack([p_off // seg_align, g_off // seg_align], 1)
+        host[2 * n:].view(np.float32).reshape(n, 8)[:] = rows[spo]
         if self.device.type == "cuda":
             t = t.to(self.device, non_blocking=True)
             self._staged_copy[self._staged_turn].record(torch.cuda.current_stream(self.device))
-        addrs = t[: 2 * n_seg].view(n_seg, 2)
-        hyper = t[2 * n_seg:].view(torch.float32).view(n_seg, 8)
+        addrs = t[: 2 * n].view(n, 2)
+        hyper = t[2 * n:].view(torch.float32).view(n, 8)
         if self.state_bits == 8:
             code_m, code_v, bounds_m, bounds_v = self._code_tables()
 
-        def update(chunk: Chunk, views: Dict[str, torch.Tensor]) -> None:
-            c = chunk.index
+        def tables(c: int):
             if c not in self._dev_tables:
-                blk = BLOCK32 if chunk.bits == 32 else QBLOCK
-                self._dev_tables[c] = (chunk.block_table(blk).to(self.device),
-                                       chunk.segment_table().to(self.device))
-            blocks, segs = self._dev_tables[c]
-            a, b = self._seg0[c], self._seg0[c + 1]
-            pb = params[chunk.segments[0].param].detach()
-            gb = flat_grads[gbase_param[c]]
-            if chunk.bits == 32:
+                blk = BLOCK32 if self.chunks[c].bits == 32 else QBLOCK
+                self._dev_tables[c] = (self.chunks[c].block_table(blk).to(self.device),
+                                       self.chunks[c].segment_table().to(self.device))
+            return self._dev_tables[c]
+
+        def launch(g: tuple, views: Dict[str, torch.Tensor], blocks, segs) -> None:
+            a, b = span[g]
+            pb = params[int(sp[order[a]])].detach()
+            gb = flat_grads[gbase_param[g]]
+            if self.chunks[g[0]].bits == 32:
                 adamw32_chunk(pb, gb, views["m"], views["v"], blocks, segs, addrs[a:b],
-                              hyper[a:b], align[c])
+                              hyper[a:b], align[g])
             else:
                 adamw8_chunk(pb, gb, views["qm"], views["qv"], views["am"], views["av"], code_m,
                              code_v, bounds_m, bounds_v, blocks, segs, addrs[a:b], hyper[a:b],
-                             align[c])
-        return update
+                             align[g])
+
+        def update(chunk: Chunk, views: Dict[str, torch.Tensor]) -> None:
+            launch((chunk.index,), views, *tables(chunk.index))
+
+        def update_resident(ids: List[int]) -> None:
+            done = []
+            if together:
+                views = [self.chunks[c].views(dev[c]) for c in together]
+                merged = self._group_tables(together, views, tables)
+                if merged is not None:
+                    launch(tuple(together), views[0], *merged)
+                    done = together
+            for c in ids:
+                if c not in done:
+                    update(self.chunks[c], self.chunks[c].views(dev[c]))
+        return update, update_resident
+
+    def _group_tables(self, ids, views, tables) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(blocks, segs) on the device for one launch over the resident 32-bit chunks `ids`:
+        block tables concatenated (segment numbers shifted), and segs [S, 3] whose m and v offsets
+        count from the first chunk's views (cached while the chunks stay where they are); None
+        if the buffers' distances are not whole multiples of 8 elements (then: one launch each)."""
+        key = (tuple(ids), tuple(v["m"].data_ptr() for v in views))
+        if key in self._dev_tables:
+            return self._dev_tables[key]
+        for k in [k for k in self._dev_tables if isinstance(k, tuple)]:
+            del self._dev_tables[k]                      # chunks moved or residency changed
+        m0, v0 = views[0]["m"].data_ptr(), views[0]["v"].data_ptr()
+        blocks, segs, shift = [], [], 0
+        for c, v in zip(ids, views):
+            blk, seg = tables(c)
+            dm, dv = v["m"].data_ptr() - m0, v["v"].data_ptr() - v0
+            if dm % 32 or dv % 32:
+                self._dev_tables[key] = None
+                return None
+            dm, dv = dm // 32, dv // 32                  # in units of 8 float32 elements
+            seg = seg.to(torch.int64)
+            segs.append(torch.stack([seg[:, 0] + dm, seg[:, 0] + dv, seg[:, 1]], 1))
+            blocks.append(blk + torch.tensor([shift, 0], dtype=blk.dtype, device=blk.device))
+            shift += seg.shape[0]
+        out = (torch.cat(blocks).contiguous(), torch.cat(segs).contiguous())
+        self._dev_tables[key] = out
+        return out
 
     # ================================================================== state dicts
     def _chunk_bytes_cpu(self, cache: Dict[int, torch.Tensor], c: int) -> torch.Tensor:

@@ -131,13 +131,22 @@ class StateStore:
 
     # ----------------------------------------------------------------- the step
     def run(self, chunk_ids: Sequence[int],
-            update: Callable[[Chunk, Dict[str, torch.Tensor]], None]) -> None:
-        """Apply `update(chunk, state views on the device)` to every chunk in chunk_ids."""
+            update: Callable[[Chunk, Dict[str, torch.Tensor]], None],
+            update_resident: Optional[Callable[[List[int]], None]] = None) -> None:
+        """Apply `update(chunk, state views on the device)` to every chunk in chunk_ids; the
+        resident ones go to `update_resident(ids)` instead when given (one launch for several)."""
         resident = [c for c in chunk_ids if self.dev[c] is not None]
         paged = [c for c in chunk_ids if self.dev[c] is None]
+        if update_resident is not None:
+            def resident_update(cs=tuple(resident)):
+                if cs:
+                    update_resident(list(cs))
+        else:
+            def resident_update():
+                for c in resident:
+                    update(self.chunks[c], self.chunks[c].views(self.dev[c]))
         if not self.cuda:
-            for c in resident:
-                update(self.chunks[c], self.chunks[c].views(self.dev[c]))
+            resident_update()
             for c in paged:
                 n = self.chunks[c].nbytes
                 slot = self.slots[0][:n]
@@ -145,9 +154,9 @@ class StateStore:
                 update(self.chunks[c], self.chunks[c].views(slot))
                 self.host[c].copy_(slot)
             return
-        self._run_cuda(resident, paged, update)
+        self._run_cuda(resident_update, paged, update)
 
-    def _run_cuda(self, resident, paged, update) -> None:
+    def _run_cuda(self, resident_update, paged, update) -> None:
         compute = torch.cuda.current_stream(self.device)
         k, n = self.num_slots, len(paged)
         self.h2d.wait_event(self.step_done)
@@ -166,8 +175,7 @@ class StateStore:
                     self.slots[s][: self.chunks[c].nbytes].copy_(self.host[c], non_blocking=True)
                 self.loaded[s].record(self.h2d)
             if i == 0:                                  # resident chunks overlap the first load
-                for c in resident:
-                    update(self.chunks[c], self.chunks[c].views(self.dev[c]))
+                resident_update()
             j = i - 1                                   # update of chunk j
             if 0 <= j < n:
                 s, c = j % k, paged[j]
