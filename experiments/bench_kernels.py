@@ -79,7 +79,7 @@ def ceilings(device: torch.device, cuda: bool, smoke: bool) -> Dict[str, float]:
     src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     copy_ms = timer(lambda: dst.copy_(src), cuda)
-    del src, dst
+    src = dst = None
     s = 256 if smoke else 8192
     dt = torch.bfloat16 if cuda else torch.float32
     a, b = torch.randn(s, s, device=device, dtype=dt), torch.randn(s, s, device=device, dtype=dt)
@@ -276,8 +276,8 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
                       "ours_GB/s": last["gbps"], "ours_%bw": _pct(last["bw_frac"]),
                       "ours_TFLOP/s": last["tflops"], "ours_%peak": _pct(last["tflops_frac"]),
                       "check": check, "target": verdict(M, speed)})
-        del x, xs
-    del w, packed, state, bstate, reps
+        x = xs = None
+    w = packed = state = bstate = reps = None
 
 
 def _sig(v: float) -> float:

@@ -29,12 +29,11 @@ import argparse
 import csv
 import datetime
 import gc
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 import torch
 
@@ -125,7 +124,7 @@ def bench_bandwidth(args, device):
     bi = 2 * n / timed(both) / 1e9
     for case, v in (("host->device", h2d), ("device->host", d2h), ("bidirectional", bi)):
         record("bandwidth", case, "bandwidth", round(v, 1), "GB/s", f"{n >> 20} MiB pinned")
-    del host_a, host_b, dev_a, dev_b
+    host_a = host_b = dev_a = dev_b = None
     free_memory()
     return {"h2d": h2d, "d2h": d2h, "bi": bi}
 

@@ -159,7 +159,7 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
     ws = [w] + [w.clone() for _ in range(R_w - 1)]
     dsts = [torch.empty_like(w) for _ in range(R_w)]
     add("copy", "", "", "torch", rotated(lambda r: dsts[r].copy_(ws[r]), R_w, cuda), 2 * nbytes(w))
-    del dsts
+    dsts = None
     for qt, dq in VARIANTS:
         packed, state = ops["quantize"](w, 64, qt, dq)
         moved = nbytes(packed) + state_bytes(state) + 2 * n
@@ -176,7 +176,7 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
             del b_reps
         ms = rotated(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), R_q, cuda)
         add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms)
-        del reps
+        reps = None
         if dq:  # quantization, with double quant as QLoRA uses it
             qmoved = 2 * n + nbytes(packed) + state_bytes(state)
             bnb_qms = None

@@ -118,9 +118,14 @@ def main(argv=None):
 
     wq = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     packed, st = quantize_4bit(wq, blocksize=64, quant_type="nf4", double_quant=True)
-    for M in (1, 16):
-        xx = torch.randn(M, 4096, device=dev, dtype=torch.bfloat16)
-        mm.matmul_4bit(xx, packed, st)
+    default = mm.GEMV_MAX_M
+    try:               # the GEMV is opt-in (GEMV_MAX_M = 0 by default): route M = 1 to it here
+        mm.GEMV_MAX_M = 1
+        for M in (1, 16):
+            xx = torch.randn(M, 4096, device=dev, dtype=torch.bfloat16)
+            mm.matmul_4bit(xx, packed, st)
+    finally:
+        mm.GEMV_MAX_M = default
     for kern, name in ((mm._mm4_gemv_kernel, "gemv"), (mm._mm4_fwd_kernel, "fwd")):
         try:   # the JIT cache's layout differs between Triton versions
             for dev_cache in kern.device_caches.values():

@@ -3,7 +3,8 @@
 #   1. bench_quant, bench_kernels, bench_optim (each checks correctness at real shapes first,
 #      then prints a table and writes CSV/PNG under experiments/results/);
 #   2. the kernel test files on CUDA (bit-exactness, fused matmul accuracy, paged AdamW
-#      trajectories, Linear4bit/QLoRA on CUDA).
+#      trajectories, Linear4bit/QLoRA on CUDA), as parallel pytest processes (par_pytest.sh);
+#   3. the small-M matmul probe (gemv_probe.py: stripped kernels, PTX) and a QLoRA GPU smoke run.
 # Usage on the GPU machine: bash experiments/gpu_check.sh [results_dir]
 # Each step has its own time limit, so one slow step cannot starve the others; every step's
 # output goes to results_dir/gpu_check_<step>.log.
@@ -37,6 +38,9 @@ TAIL=40 step bench_optim "${OPTIM_LIMIT:-150}" python3 experiments/bench_optim.p
 # pytest processes (Triton compiles every variant, CPU-bound), see par_pytest.sh
 TAIL=80 step tests "${TESTS_LIMIT:-240}" bash experiments/par_pytest.sh "$RES" ${TESTS:-tests/test_quant_kernels.py \
   tests/test_matmul4bit.py tests/test_decode4bit.py tests/test_linear4bit.py tests/test_paged_adamw.py}
-TAIL=30 step probe 90 python3 experiments/gemv_probe.py --out "$RES/probe"
+# the probe and the small-M A/B are diagnostics: only when named in ONLY
+[[ " ${ONLY:-} " == *" probe "* ]] && TAIL=30 step probe 90 python3 experiments/gemv_probe.py --out "$RES/probe"
+[[ " ${ONLY:-} " == *" gemv_vs_dot "* ]] && TAIL=20 step gemv_vs_dot 150 python3 experiments/gemv_vs_dot.py
+[[ " ${ONLY:-} " == *" adamw_probe "* ]] && TAIL=20 step adamw_probe 90 python3 experiments/adamw_probe.py
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false

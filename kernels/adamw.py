@@ -137,7 +137,7 @@ def adamw32_chunk(p_base: torch.Tensor, g_base: torch.Tensor, m: torch.Tensor, v
     (param offset / align, grad offset / align); hyper: float32 [S, 8]; align: 8 if every param and
     grad offset is a multiple of 8 elements, else 1.
     """
-    if segs.shape[1] == 2:                      # one chunk: m and v at the same offsets
+    if segs.shape[1] == 2:        # one chunk: m and v at the same offsets (one extra small kernel)
         segs = torch.cat([segs[:, :1], segs], 1).contiguous()
     grid = (blocks.shape[0],)
     _adamw32_kernel[grid](p_base, g_base, m, v, blocks, segs, addrs, hyper, BLOCK=BLOCK32,

@@ -7,13 +7,14 @@ does that for ``x [..., K]``, ``W [N, K]`` stored as ``packed`` uint8 ``[(N*K+1)
 ``[..., N]`` is in x's dtype (the compute dtype: bfloat16, float16 or float32).
 
 Dispatch: on CUDA the Triton kernels of ``matmul4bit_kernels.py`` (the weight is decoded tile by
-tile inside the kernel; the full-precision W never exists in memory): a tiled tensor-core GEMM,
-split-K when M = prod(x.shape[:-1]) is small (for M <= GEMV_MAX_M, 0 by default since it lost
-every measured case, a CUDA-core GEMV instead, its tile picked by timing); both use the PRMT decoder of ``decode4bit.py``
-once it has passed its on-device check (``decoder="table"`` or ``PEFTLAB_4BIT_DECODER=table``
-forces the portable one). Elsewhere the reference twin: ``dequantize_4bit`` to x's dtype, then
+tile inside the kernel; the full-precision W never exists in memory): a tiled tensor-core GEMM
+for every M, split-K when M = prod(x.shape[:-1]) is small, with the PRMT decoder of
+``decode4bit.py`` once it has passed its on-device check (``decoder="table"`` or
+``PEFTLAB_4BIT_DECODER=table`` forces the portable one). Elsewhere the reference twin: ``dequantize_4bit`` to x's dtype, then
 ``F.linear``. ``impl="triton"`` forces the kernels (tests run them on the CPU under
-``TRITON_INTERPRET=1``), ``impl="reference"`` the PyTorch path.
+``TRITON_INTERPRET=1``), ``impl="reference"`` the PyTorch path. A CUDA-core GEMV
+(``_mm4_gemv_kernel``, tile picked by timing) is opt-in for M <= ``GEMV_MAX_M`` (0 by default:
+it lost to the split-K tensor-core kernel in every measured case) or a tuple ``config``.
 
 Backward (``Matmul4bitFunction``), with ``W = dequant(packed)`` a constant, ``g = dL/dy``:
 
@@ -125,9 +126,8 @@ def _workspace(splits: int, M: int, N: int, device: torch.device) -> torch.Tenso
 
 def _tables(code: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """(16-bit table [16]: ``dtype``, float16 for float32; its PRMT byte planes int32 [8]) of
-    ``code``, cached per live table
-    object, version and dtype: no conversion kernel per call (a dead table's reused id never
-    matches its weakref)."""
+    ``code``, cached per live table object, version and dtype: no conversion kernel per call (a
+    dead table's reused id never matches its weakref)."""
     key = (id(code), dtype)
     hit = _TABLES.get(key)
     if hit is not None and hit[0]() is code and hit[1] == code._version:
@@ -266,7 +266,9 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     """``x [M, K] @ W^T + bias -> [M, N]`` (x's dtype) with the Triton kernels.
 
     ``config`` pins a tile config (dict of the kernel's meta-parameters, ``num_warps``,
-    ``num_stages``, ``maxnreg``) instead of autotuning; ``split_k`` pins the split-K factor;
+    ``num_stages``, ``maxnreg``) instead of autotuning, or, as a tuple (BN, BK, warps, programs
+    per SM, prefetch), runs the GEMV with that tile (fast layout only: K % blocksize == 0,
+    blocksize >= 32); ``split_k`` pins the split-K factor;
     ``decoder`` "prmt" / "table" / "auto" picks the 4-bit decoder; ``out`` [M, N] receives y.
     """
     q = _Quant(packed, code, absmax, N, K, blocksize, absmax2, code2, offset, blocksize2)
@@ -279,6 +281,9 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
         raise QuantError(f"matmul_4bit: bias has {bias.numel()} values, expected {N}")
     bias_t = bias.contiguous() if bias is not None else out
     mb = _m_bucket(M)
+    if isinstance(config, tuple) and not q.fast:
+        raise QuantError(f"matmul_4bit: a GEMV tile config {config} needs K % blocksize == 0 "
+                         f"and blocksize >= 32, got K = {K}, blocksize = {blocksize}")
     if q.fast and (config is None and M <= GEMV_MAX_M or isinstance(config, tuple)):
         _gemv(x, q, bias, out, M, N, K, config, split_k, _use_prmt(x, q.fast, decoder))
         return out

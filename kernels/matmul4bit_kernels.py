@@ -11,7 +11,8 @@ with bitsandbytes' storage: two 4-bit indices per byte, the first element in the
 (``packed`` uint8, (N*K+1)//2 bytes), blocks of ``B`` consecutive flattened elements (a block may
 straddle two rows when K % B != 0), ``code`` the 16-entry NF4/FP4 table. Here the weight is
 decoded inside the kernels, tile by tile in registers: the full-precision W never exists in
-memory. Two kernels, both tiled around ``tl.dot`` (tensor cores, float32 accumulator):
+memory. Two kernels tiled around ``tl.dot`` (tensor cores, float32 accumulator) and an opt-in
+CUDA-core GEMV:
 
 * ``_mm4_fwd_kernel``, every M. Per K step a program loads an x tile [BM, BK] and the packed
   weight words [BN, BK/8] (int32: 8 weights each, 16-byte vectors), decodes them with
@@ -19,7 +20,8 @@ memory. Two kernels, both tiled around ``tl.dot`` (tensor cores, float32 accumul
   weight; a table-gather twin elsewhere), interleaves the 8 codes of each word back into memory
   order (``tl.join``, in registers) and multiplies. BK = min(64, B), so with K % B == 0 a K step
   of a row lies inside one quantization block: one absmax per row per step (double quantization
-  decoded in-kernel), prefetched one step ahead. Where it is applied depends on M:
+  decoded in-kernel); the absmax and the packed words of the next K step are loaded one step
+  ahead (register double buffering). Where the absmax is applied depends on M:
     - small M (BM <= 32; decode, M = 1..32): on the accumulator, ``acc += dot(x, codes^T) *
       absmax[None, :]`` (BM*BN multiplies per step instead of BN*BK). Memory bound: each weight
       byte is read once per row tile, and split-K (below) gives every SM several programs with
@@ -30,10 +32,10 @@ memory. Two kernels, both tiled around ``tl.dot`` (tensor cores, float32 accumul
       256x128) reuse each decoded weight tile for 128-256 rows of x (decode / MMA ~ 1 / BM).
 * ``_mm4_gemv_kernel`` (opt-in, ``matmul4bit.GEMV_MAX_M``; slower than the split-K MMA path at
   every measured M = 1..8 on the H200, being issue-bound on decode + conversion + FMA): no
-  tensor cores. The decoded
-  codes stay de-interleaved (code j of every word), x is loaded de-interleaved to match, and the
-  products are reduced in float32 registers (derivation in its docstring); the next K step's
-  words are loaded before this step's decode. Split-K as below.
+  tensor cores. The decoded codes stay de-interleaved (code j of every word), x is loaded
+  de-interleaved to match, and the products are reduced in float32 registers (derivation in
+  its docstring); with PREFETCH the next K step's words are loaded before this step's decode.
+  Split-K as below.
 * ``_mm4_bwd_kernel``: ``grad_x [M, K] = grad_y [M, N] @ W [N, K]``; the same decoded tile, now
   reduced over N (rows of W, each with its own absmax, scaled per element), output [BM, BK].
 

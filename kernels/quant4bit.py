@@ -26,7 +26,8 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   (then it converts layouts before the store); ``words1`` hints one word per thread
   (``tl.max_contiguous``), whose layout is exactly the store's.
   Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype.
-* Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``):
+* Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``, shared with
+  the fused matmul in ``matmul4bit_kernels.py``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
   multiply and add round separately, as in the PyTorch reference).
 * Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``.
@@ -93,6 +94,7 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
 from peftlab.quant.state import QuantState
 
 from .decode4bit import decode8, interleave8
+from .matmul4bit_kernels import _block_absmax
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -117,20 +119,6 @@ def _store_out(out_ptr, idx, v, mask, OUT: tl.constexpr, RNE_BITS: tl.constexpr)
 
 
 @triton.jit
-def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, nblocks,
-                  BS2: tl.constexpr, NESTED: tl.constexpr):
-    """float32 absmax of blocks ``blk``; nested: ``code2[qa] * absmax2[blk // BS2] + offset``."""
-    bmask = blk < nblocks
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
-        am = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BS2, mask=bmask, other=0.0)
-        am = am + tl.load(offset_ptr)
-    else:
-        am = tl.load(absmax_ptr + blk, mask=bmask, other=0.0)
-    return am
-
-
-@triton.jit
 def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                      out_ptr, n, nbytes, nblocks,
                      BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
@@ -142,8 +130,9 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
     hi = (byte >> 4).to(tl.int32)
     lo = (byte & 15).to(tl.int32)
     vals = tl.load(code_ptr + tl.interleave(hi, lo))             # [ROWS, 2 COLS], L1 gather
-    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row * (2 * COLS)) // BS,
-                       nblocks, BS2, NESTED)
+    blk = (row * (2 * COLS)) // BS                               # block of each tile row
+    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < nblocks, NESTED,
+                       BS2)
     eidx = row[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
     _store_out(out_ptr, eidx, vals * am[:, None], eidx < n, OUT, RNE_BITS)
 
@@ -163,8 +152,9 @@ def _dequant4w_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
     wd = tl.load(words_ptr + widx, mask=wmask, other=0)
     v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, 0, 0, 0, 0, 0, 0, 0, 0, False)
     vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
-    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row * (8 * WC)) // BS,
-                       nblocks, BS2, NESTED)
+    blk = (row * (8 * WC)) // BS                                 # block of each tile row
+    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < nblocks, NESTED,
+                       BS2)
     eidx = widx[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # 8 contiguous per word
     _store_out(out_ptr, eidx, vals * am[:, None, None], wmask[:, :, None], OUT, RNE_BITS)
 
@@ -372,7 +362,8 @@ def last_choice(op: str) -> Optional[str]:
 
 def tuner_choices() -> Dict[str, Dict[tuple, str]]:
     """Per op, the tuned winner of every key timed so far (CUDA only)."""
-    return {op: {k: c.describe() for k, c in t.best.items()} for op, t in _TUNERS.items()}
+    return {op: {k[:-1]: c.describe() for k, c in t.best.items() if k[-1]}  # k[-1]: timed
+            for op, t in _TUNERS.items()}
 
 
 @contextmanager

@@ -62,7 +62,6 @@ class Candidate(NamedTuple):
                f"warps={self.num_warps}"
 
 
-
 class Tuned:
     """Per key, the fastest eligible candidate on CUDA (each timed once with do_bench; below
     ``_TUNE_MIN`` elements the first eligible one that compiles, untimed); a candidate that
@@ -102,7 +101,9 @@ class Tuned:
                     return 0.0
                 return triton.testing.do_bench(lambda: self._run(c, None, args, kwargs),
                                                warmup=5, rep=20)
-            cand = self.pick(key, eligible, time_fn, first_ok=not tune)
+            # keyed by `tune` too: a size bucket straddles _TUNE_MIN, and an untimed pick for a
+            # small tensor must not stand in for the timed one of a large tensor
+            cand = self.pick((*key, tune), eligible, time_fn, first_ok=not tune)
             note = "" if tune else " (untimed: small)"
         self.last = cand.describe(elems) + note
         self._run(cand, elems, args, kwargs)

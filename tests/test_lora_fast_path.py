@@ -185,16 +185,20 @@ def test_model_fast_path_matches_plain_path(monkeypatch, device, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_model_outputs_follow_adapter_switching_and_merging():
+def test_model_outputs_follow_adapter_switching_and_merging(monkeypatch):
     model = LlamaForCausalLM(LlamaConfig(**TINY)).reset_parameters(seed=0)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
     add_adapter(model, "second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
-    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))  # 24 rows: fast path
+    names, real = [], LL._fast_adapter
+    monkeypatch.setattr(LL, "_fast_adapter", lambda layers, x: names.append(real(layers, x)) or names[-1])
     with torch.no_grad():
         first = model(ids)
         set_adapter(model, "second")
         second = model(ids)
+        assert names == ["default"] * 8 + ["second"] * 8     # 4 groups per layer, 2 layers
         merge_adapter(model)
-        merged = model(ids)
+        merged = model(ids)                                # merged: the plain path
+    assert names[16:] and set(names[16:]) == {None}
     assert (first - second).abs().max() > 1e-3
     torch.testing.assert_close(merged, second, rtol=1e-5, atol=1e-5)

@@ -218,6 +218,10 @@ def test_bad_inputs_raise_quant_error():
         mm.matmul4bit_forward(x, packed, state.code, state.absmax, 40, 128, 64,
                               out=torch.empty(2, 40, device=DEV, dtype=torch.float16),
                               **raw(state))
+    p96, s96, _ = make(8, 96)                      # K % blocksize != 0: no GEMV layout
+    with pytest.raises(QuantError, match="GEMV tile config"):
+        mm.matmul4bit_forward(torch.randn(1, 96, device=DEV), p96, s96.code, s96.absmax, 8, 96,
+                              64, config=(8, 256, 4, 1, True), **raw(s96))
 
 
 def test_benchmark_smoke_run_writes_table_csv_and_plot(tmp_path, capsys):

@@ -368,3 +368,33 @@ def test_tuner_keeps_the_fastest_eligible_candidate_and_skips_failures():
     with pytest.raises(ValueError, match="unknown"):
         with forced_variant("dequant", "nibbles"):
             pass
+
+
+def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):
+    """A size bucket straddles the tuning threshold: the untimed pick of a small tensor must not
+    stand in for the timed pick of a large one in the same bucket."""
+    import types
+
+    import peftlab.kernels.tuning as tuning
+
+    ran = []
+
+    def launch(x, ELEMS, num_warps, tag):
+        ran.append(tag)
+
+    cands = [Candidate("words", launch, dict(tag="slow"), 1, 4),
+             Candidate("bytes", launch, dict(tag="fast"), 1, 4)]
+    ms = {"slow": 2.0, "fast": 1.0}
+
+    def do_bench(fn, **kw):
+        fn()
+        return ms[ran[-1]]
+
+    monkeypatch.setattr(tuning.triton.testing, "do_bench", do_bench)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = types.SimpleNamespace(is_cuda=True)             # stands for a CUDA tensor
+    tuner = Tuned("quant", cands)
+    tuner(("bucket",), ("words", "bytes"), False, x)    # small: first eligible, untimed
+    assert ran[-1] == "slow" and tuner.last.endswith("(untimed: small)")
+    tuner(("bucket",), ("words", "bytes"), True, x)     # large, same key: timed
+    assert ran[-1] == "fast" and tuner.last == cands[1].describe()

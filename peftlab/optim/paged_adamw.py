@@ -55,9 +55,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 from . import state_convert
-from .adamw_reference import (QUANT_BLOCK, AdamWScalars, adamw8bit_step_reference,
+from .adamw_reference import (QUANT_BLOCK, adamw8bit_step_reference,
                               adamw_scalars, adamw_step_reference)
 from .layout import Chunk, plan_chunks
 from .paging import StateStore
@@ -431,9 +431,29 @@ class PagedAdamW(torch.optim.Optimizer):
         p_ptr = np.array([p.data_ptr() for p in params], dtype=np.int64)
         g_ptr = np.array([0 if g is None else g.data_ptr() for g in flat_grads], dtype=np.int64)
         seg_active = has_grad[sp]
+
+        def tables(c: int):
+            """(blocks, segs) of chunk c on the device; a 32-bit chunk's segs in adamw32_chunk's
+            [S, 3] form (m offset, v offset, length), so no launch pays for the conversion."""
+            if c not in self._dev_tables:
+                chunk = self.chunks[c]
+                seg = chunk.segment_table()
+                if chunk.bits == 32:
+                    seg = torch.cat([seg[:, :1], seg], 1)
+                blk = BLOCK32 if chunk.bits == 32 else QBLOCK
+                self._dev_tables[c] = (chunk.block_table(blk).to(self.device),
+                                       seg.to(self.device))
+            return self._dev_tables[c]
+
+        # resident 32-bit chunks: one launch for all (`merged` tables) unless their buffers'
+        # distances rule it out; decided before the per-step tables are laid out by group
         dev = self._store.dev
         together = [c for c in chunk_ids if self.chunks[c].bits == 32 and dev[c] is not None]
-        if len(together) < 2:
+        merged = None
+        if len(together) >= 2:
+            group_views = [self.chunks[c].views(dev[c]) for c in together]
+            merged = self._group_tables(together, group_views, tables)
+        if merged is None:
             together = []
         groups = ([tuple(together)] if together else []) + [(c,) for c in chunk_ids
                                                             if c not in together]
@@ -478,13 +498,6 @@ class PagedAdamW(torch.optim.Optimizer):
         if self.state_bits == 8:
             code_m, code_v, bounds_m, bounds_v = self._code_tables()
 
-        def tables(c: int):
-            if c not in self._dev_tables:
-                blk = BLOCK32 if self.chunks[c].bits == 32 else QBLOCK
-                self._dev_tables[c] = (self.chunks[c].block_table(blk).to(self.device),
-                                       self.chunks[c].segment_table().to(self.device))
-            return self._dev_tables[c]
-
         def launch(g: tuple, views: Dict[str, torch.Tensor], blocks, segs) -> None:
             a, b = span[g]
             pb = params[int(sp[order[a]])].detach()
@@ -501,23 +514,19 @@ class PagedAdamW(torch.optim.Optimizer):
             launch((chunk.index,), views, *tables(chunk.index))
 
         def update_resident(ids: List[int]) -> None:
-            done = []
             if together:
-                views = [self.chunks[c].views(dev[c]) for c in together]
-                merged = self._group_tables(together, views, tables)
-                if merged is not None:
-                    launch(tuple(together), views[0], *merged)
-                    done = together
+                launch(tuple(together), group_views[0], *merged)
             for c in ids:
-                if c not in done:
+                if c not in together:
                     update(self.chunks[c], self.chunks[c].views(dev[c]))
         return update, update_resident
 
     def _group_tables(self, ids, views, tables) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(blocks, segs) on the device for one launch over the resident 32-bit chunks `ids`:
-        block tables concatenated (segment numbers shifted), and segs [S, 3] whose m and v offsets
-        count from the first chunk's views (cached while the chunks stay where they are); None
-        if the buffers' distances are not whole multiples of 8 elements (then: one launch each)."""
+        """(blocks, segs) on the device for one launch over the resident 32-bit chunks `ids`
+        (`tables(c)`: a chunk's own pair, segs [S, 3]): block tables concatenated (segment
+        numbers shifted), and segs whose m and v offsets count from the first chunk's views
+        (cached while the chunks stay where they are); None if the buffers' distances are not
+        whole multiples of 8 elements (then: one launch each)."""
         key = (tuple(ids), tuple(v["m"].data_ptr() for v in views))
         if key in self._dev_tables:
             return self._dev_tables[key]
@@ -532,8 +541,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 self._dev_tables[key] = None
                 return None
             dm, dv = dm // 32, dv // 32                  # in units of 8 float32 elements
-            seg = seg.to(torch.int64)
-            segs.append(torch.stack([seg[:, 0] + dm, seg[:, 0] + dv, seg[:, 1]], 1))
+            segs.append(seg + torch.tensor([dm, dv, 0], dtype=seg.dtype, device=seg.device))
             blocks.append(blk + torch.tensor([shift, 0], dtype=blk.dtype, device=blk.device))
             shift += seg.shape[0]
         out = (torch.cat(blocks).contiguous(), torch.cat(segs).contiguous())

@@ -137,14 +137,14 @@ class StateStore:
         resident ones go to `update_resident(ids)` instead when given (one launch for several)."""
         resident = [c for c in chunk_ids if self.dev[c] is not None]
         paged = [c for c in chunk_ids if self.dev[c] is None]
-        if update_resident is not None:
-            def resident_update(cs=tuple(resident)):
-                if cs:
-                    update_resident(list(cs))
-        else:
-            def resident_update():
-                for c in resident:
-                    update(self.chunks[c], self.chunks[c].views(self.dev[c]))
+
+        def resident_update():
+            if update_resident is not None:
+                if resident:
+                    update_resident(resident)
+                return
+            for c in resident:
+                update(self.chunks[c], self.chunks[c].views(self.dev[c]))
         if not self.cuda:
             resident_update()
             for c in paged:
