@@ -26,12 +26,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..fileio import atomic_write, write_json
 from .batches import StepSampler
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -389,8 +389,10 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
         ev = run_eval(model, tok, eval_examples, eval_encoded, cfg, device, autocast_dtype, dist)
         metrics.write({"step": steps, **{f"eval_{k}": v for k, v in ev.items() if k != "samples"}})
     if is_main:
+        peak = (round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None)
         write_json(run_dir / "summary.json", {"steps": steps, "final_loss": losses[-1] if losses else None,
                                               "train_seconds": round(seconds, 2), "resumed_from": str(resumed) if resumed else None,
+                                              "peak_gpu_memory_gib": peak,  # this rank's (rank 0)
                                               "skipped_records": skipped, "eval": {k: v for k, v in ev.items()}})
     final = dist.unwrap(model) if dist else model
     return RunResult(run_dir, final, tok, losses, ev, steps, seconds)
