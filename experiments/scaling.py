@@ -80,6 +80,8 @@ def run(mode: str, n: int, base: Path, args, run_dir: Path, log_dir: Path) -> Di
                  "data.task=pretrain", "data.packing=true", f"data.max_length={args.seq}",
                  "data.max_eval_examples=8", "eval_every=0", "save_every=0", "lr=1e-4",
                  "warmup_steps=0", f"dtype={args.dtype}", *MODES[mode]]
+    if args.memory_fraction is not None:
+        overrides.append(f"max_gpu_memory_fraction={args.memory_fraction}")
     if n == 1:   # the single-process reference: same global batch, no wrapper
         overrides = [o for o in overrides if not o.startswith(("distributed=", "sharding="))]
         cmd = [sys.executable, "-m", "peftlab", "train", *overrides]
@@ -125,6 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--memory-fraction", type=float, default=None,
+                    help="cap each process's GPU memory (max_gpu_memory_fraction): with a cap that one "
+                         "GPU cannot train under, the n-GPU rows show what sharding makes fit")
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args(argv)
     if args.device == "cpu" and args.dtype == "bfloat16":

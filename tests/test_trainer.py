@@ -157,6 +157,10 @@ def test_config_values_that_would_be_ignored_or_crash_later_are_errors(base_dir,
         load_train_config(base={**base, "method": "lora", "save_dtype": "bfloat16"})
     with pytest.raises(ConfigError, match="device 'gpu0' is not a device name"):
         train(_cfg(base_dir, tmp_path / "d", device="gpu0"))
+    with pytest.raises(ConfigError, match=r"'max_gpu_memory_fraction' must be in \(0, 1\], got 1\.5"):
+        load_train_config(base={**base, "max_gpu_memory_fraction": 1.5})
+    with pytest.raises(ConfigError, match="max_gpu_memory_fraction needs a CUDA device, got 'cpu'"):
+        train(_cfg(base_dir, tmp_path / "m", device="cpu", max_gpu_memory_fraction=0.5))
     with pytest.raises(ConfigError, match=r"no training example keeps a trained token within data\.max_length=4"), \
             pytest.warns(UserWarning, match="64 of 64 examples have no trained token"):
         train(_cfg(base_dir, tmp_path / "short", data=dict(max_length=4)))

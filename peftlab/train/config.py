@@ -85,6 +85,7 @@ class TrainConfig:
     autocast: str = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
+    max_gpu_memory_fraction: Optional[float] = None  # CUDA: cap this process's allocations (0, 1]
     eval_every: int = 0
     eval_generate: bool = True
     eval_max_new_tokens: int = 16
@@ -114,6 +115,9 @@ class TrainConfig:
         if self.save_dtype is not None and (self.save_dtype not in DTYPES or self.method != "full"):
             raise ConfigError(f"{source}: field 'save_dtype': '{self.save_dtype}' needs method 'full' (the exported "
                               f"checkpoint's dtype) and one of {', '.join(DTYPES)}")
+        f = self.max_gpu_memory_fraction
+        if f is not None and not (0 < f <= 1):
+            raise ConfigError(f"{source}: field 'max_gpu_memory_fraction' must be in (0, 1], got {f}")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: field '{name}' must be >= 1, got {getattr(self, name)}")

@@ -247,6 +247,10 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
     cfg = cfg.for_world(world)  # resolves global_batch_size into grad_accum
     is_main = rank == 0
     device = dist.device if dist else resolve_device(cfg.device)
+    if cfg.max_gpu_memory_fraction is not None:  # e.g. to show what fits on n GPUs but not on one
+        if device.type != "cuda":
+            raise ConfigError(f"config: max_gpu_memory_fraction needs a CUDA device, got '{device}'")
+        torch.cuda.set_per_process_memory_fraction(cfg.max_gpu_memory_fraction, device)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     if is_main:
