@@ -39,6 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from bench_quant import lib_versions  # noqa: E402
 
 SHAPES = {
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -109,10 +112,9 @@ def run(mode: str, n: int, base: Path, args, run_dir: Path, log_dir: Path) -> Di
 
 
 def versions() -> str:
-    import triton
-
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return f"{gpu}; torch {torch.__version__}; triton {triton.__version__}; {datetime.date.today()}"
+    libs = "; ".join(f"{k} {v}" for k, v in lib_versions().items() if k != "bitsandbytes")
+    return f"{gpu}; {libs}; {datetime.date.today()}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
