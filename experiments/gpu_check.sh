@@ -42,5 +42,6 @@ TAIL=80 step tests "${TESTS_LIMIT:-240}" bash experiments/par_pytest.sh "$RES" $
 [[ " ${ONLY:-} " == *" probe "* ]] && TAIL=30 step probe 90 python3 experiments/gemv_probe.py --out "$RES/probe"
 [[ " ${ONLY:-} " == *" gemv_vs_dot "* ]] && TAIL=20 step gemv_vs_dot 150 python3 experiments/gemv_vs_dot.py
 [[ " ${ONLY:-} " == *" adamw_probe "* ]] && TAIL=20 step adamw_probe 90 python3 experiments/adamw_probe.py
+[[ " ${ONLY:-} " == *" quant_probe "* ]] && TAIL=60 step quant_probe 120 python3 experiments/quant_probe.py
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false

@@ -1,0 +1,146 @@
+"""Where do the 4-bit quantize / dequantize kernels stand against what the memory system allows?
+
+Two questions, one run (H200: ~40 s):
+
+1. Traffic ceilings for dequantize. Dequantizing n weights reads n/2 packed bytes (+ absmax) and
+   writes 2n bytes of bf16: a write-heavy mix, unlike a device copy (half reads, half writes).
+   Timed with the same rotation as bench_quant, on the same shapes:
+     copy       dst.copy_(src), bf16 -> bf16                   reads 2n, writes 2n
+     zero       dst.zero_(), bf16                              writes 2n
+     nibbles    a Triton kernel with dequantize's traffic and no table: int32 words in, each of
+                the 8 nibbles converted to bf16 and stored (8 x 2 bytes per thread, 16-byte
+                stores)                                         reads n/2, writes 2n
+     dequant    ours, NF4 + double quantization -> bf16         reads n/2 + n/64 + ..., writes 2n
+   If `nibbles` is not much faster than `dequant`, the decode is not what limits dequantize.
+
+2. Host cost of `quantize_4bit` (the call ends in one scalar read-back: the finite check). For
+   4096x4096 and 4096x14336: the rotated do_bench time of the call, the same with the finite
+   check switched off (what the sync costs), the loop time per call without the check and
+   without synchronising (max of host and device time), and a cProfile of the host side.
+
+    python experiments/quant_probe.py
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quant import nbytes, replicas, rotated  # noqa: E402
+
+
+@triton.jit
+def _nibbles_kernel(words_ptr, out_ptr, nwords, BLOCK: tl.constexpr):
+    """out[8i + j] = float((word_i >> 4j) & 15) as bf16: dequantize's traffic without its table."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(words_ptr + i, mask=i < nwords, other=0)
+    j = tl.arange(0, 8)
+    v = ((w[:, None] >> (4 * j)[None, :]) & 15).to(tl.float32)
+    offs = i[:, None] * 8 + j[None, :]
+    tl.store(out_ptr + offs, v.to(tl.bfloat16), mask=offs < nwords * 8)
+
+
+def nibbles(words: torch.Tensor, out: torch.Tensor, block: int = 256) -> None:
+    n = words.numel()
+    _nibbles_kernel[(triton.cdiv(n, block),)](words, out, n, BLOCK=block, num_warps=4)
+
+
+def ceilings(shape) -> None:
+    from peftlab.quant import dequantize_4bit, quantize_4bit
+
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    n = w.numel()
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    words = packed.view(-1).view(torch.int32)
+    rows = []
+
+    def add(name, ms, moved):
+        rows.append((name, ms, moved / (ms * 1e-3) / 1e12))
+
+    R = replicas(4 * n, True)
+    srcs = [w] + [w.clone() for _ in range(R - 1)]
+    dsts = [torch.empty_like(w) for _ in range(R)]
+    add("copy", rotated(lambda r: dsts[r].copy_(srcs[r]), R, True), 4 * n)
+    srcs = None
+    R = replicas(2 * n, True)
+    outs = [torch.empty_like(w) for _ in range(R)]
+    add("zero", rotated(lambda r: outs[r].zero_(), R, True), 2 * n)
+    R = replicas(2 * n + n // 2, True)
+    outs = outs[:R] + [torch.empty_like(w) for _ in range(R - len(outs))]
+    wrep = [words] + [words.clone() for _ in range(R - 1)]
+    for block in (128, 256, 512):
+        add(f"nibbles (block {block} words)",
+            rotated(lambda r: nibbles(wrep[r], outs[r], block), R, True), 2 * n + n // 2)
+    ref = torch.empty_like(w)
+    nibbles(words, ref)
+    first = ((words[0] >> 4) & 15).item()  # spot check of the ordering: element 1 of word 0
+    assert float(ref.view(-1)[1]) == float(first), "nibbles kernel: wrong output order"
+    moved = nbytes(packed) + n * 2 + state.absmax.numel()
+    st = [(packed, state)] + [(packed.clone(), state) for _ in range(R - 1)]
+    add("dequant (ours, nf4+dq)", rotated(lambda r: dequantize_4bit(*st[r], torch.bfloat16), R, True),
+        moved)
+    print(f"\n{shape[0]}x{shape[1]}  ({n / 1e6:.1f}M weights, {R} replicas)")
+    for name, ms, tbps in rows:
+        print(f"  {name:28s} {ms * 1e3:8.1f} us  {tbps:5.2f} TB/s")
+
+
+def quantize_host(shape) -> None:
+    import peftlab.kernels.quant4bit as q4
+    from peftlab.quant import quantize_4bit
+
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    R = replicas(2 * w.numel(), True)
+    ws = [w] + [w.clone() for _ in range(R - 1)]
+    call = lambda r: quantize_4bit(ws[r], blocksize=64, quant_type="nf4", double_quant=True)  # noqa: E731
+    with_check = rotated(call, R, True)
+    real = q4.check_finite_absmax
+    q4.check_finite_absmax = lambda *a, **k: None
+    try:
+        no_check = rotated(call, R, True)
+        for r in range(R):
+            call(r)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for k in range(200):
+            call(k % R)
+        host = (time.perf_counter() - t) / 200
+        torch.cuda.synchronize()
+        loop = (time.perf_counter() - t) / 200
+        prof = cProfile.Profile()
+        prof.enable()
+        for k in range(200):
+            call(k % R)
+        prof.disable()
+        torch.cuda.synchronize()
+    finally:
+        q4.check_finite_absmax = real
+    print(f"\nquantize {shape[0]}x{shape[1]}: do_bench rotated {with_check * 1e3:.1f} us; without "
+          f"the finite check {no_check * 1e3:.1f} us; unsynchronised loop: host {host * 1e6:.1f} us "
+          f"per call, host+device {loop * 1e6:.1f} us per call")
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+    print("\n".join(line for line in s.getvalue().splitlines()[6:] if line.strip()))
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    for shape in ((4096, 14336), (28672, 8192)):
+        ceilings(shape)
+    for shape in ((4096, 4096), (4096, 14336)):
+        quantize_host(shape)
+
+
+if __name__ == "__main__":
+    main()
