@@ -11,6 +11,7 @@ Two questions, one run (H200: ~40 s):
                 the 8 nibbles converted to bf16 and stored (8 x 2 bytes per thread, 16-byte
                 stores)                                         reads n/2, writes 2n
      dequant    ours, NF4 + double quantization -> bf16         reads n/2 + n/64 + ..., writes 2n
+                (the tuner's pick, then every candidate forced)
    If `nibbles` is not much faster than `dequant`, the decode is not what limits dequantize.
 
 2. Host cost of `quantize_4bit` (the call ends in one scalar read-back: the finite check). For
@@ -56,6 +57,7 @@ def nibbles(words: torch.Tensor, out: torch.Tensor, block: int = 256) -> None:
 
 
 def ceilings(shape) -> None:
+    import peftlab.kernels.quant4bit as q4
     from peftlab.quant import dequantize_4bit, quantize_4bit
 
     torch.manual_seed(0)
@@ -90,9 +92,15 @@ def ceilings(shape) -> None:
     st = [(packed, state)] + [(packed.clone(), state) for _ in range(R - 1)]
     add("dequant (ours, nf4+dq)", rotated(lambda r: dequantize_4bit(*st[r], torch.bfloat16), R, True),
         moved)
+    rows[-1] = (rows[-1][0] + " -> " + q4.last_choice("dequant"),) + rows[-1][1:]
+    for c in q4._dequant4.candidates:  # every candidate, forced
+        with q4.forced_variant("dequant", c.variant, c.elems, c.num_warps):
+            ms = rotated(lambda r: dequantize_4bit(*st[r], torch.bfloat16), R, True)
+            if q4.last_choice("dequant") == c.describe():  # (skip the ineligible)
+                add("  " + c.describe(), ms, moved)
     print(f"\n{shape[0]}x{shape[1]}  ({n / 1e6:.1f}M weights, {R} replicas)")
     for name, ms, tbps in rows:
-        print(f"  {name:28s} {ms * 1e3:8.1f} us  {tbps:5.2f} TB/s")
+        print(f"  {name:44s} {ms * 1e3:8.1f} us  {tbps:5.2f} TB/s")
 
 
 def quantize_host(shape) -> None:
