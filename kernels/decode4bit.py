@@ -85,41 +85,6 @@ def decode8(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, USE_PRMT: tl.constexpr
                 tl.load(code_ptr + ((wd >> 28) & 15)), tl.load(code_ptr + ((wd >> 24) & 15)))
 
 
-def _scaled_planes_asm(cvt: str) -> str:
-    """PTX: s_j = c_j * a (float32, one rounding), packed two per register by ``cvt`` (one more
-    rounding, to the 16-bit dtype), then regrouped by ``prmt`` into the 8 byte planes."""
-    regs = ", ".join(f"s{j}" for j in range(16)) + ", " + ", ".join(f"q{j}" for j in range(8))
-    lines = [f".reg .b32 {regs};"]
-    lines += [f"mul.rn.f32 s{j}, ${9 + j}, $8;" for j in range(16)]
-    lines += [f"{cvt} q{k}, s{2 * k + 1}, s{2 * k};" for k in range(8)]  # hi <- odd, lo <- even
-    lines += [f"prmt.b32 ${k}, q{2 * k}, q{2 * k + 1}, 0x6420;" for k in range(4)]      # L0..L3
-    lines += [f"prmt.b32 ${4 + k}, q{2 * k}, q{2 * k + 1}, 0x7531;" for k in range(4)]  # H0..H3
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_SCALED_BF16 = tl.constexpr(_scaled_planes_asm("cvt.rn.bf16x2.f32"))
-_SCALED_F16 = tl.constexpr(_scaled_planes_asm("cvt.rn.f16x2.f32"))
-_SCALED_CONSTRAINTS = tl.constexpr("=r," * 8 + ",".join(["f"] * 17))
-
-
-@triton.jit
-def scaled_planes(a, code_ptr, F16: tl.constexpr):
-    """Byte planes (as ``table_planes``) of the scaled table ``round16(code[j] * a)`` for every
-    element of ``a`` (float32 absmax of a block, any shape): with them ``decode8`` yields the
-    dequantized weights themselves, rounded once from the float32 product like the reference.
-    20 multiply/convert/permute instructions per block instead of a multiply per weight."""
-    return tl.inline_asm_elementwise(
-        _SCALED_F16 if F16 else _SCALED_BF16, _SCALED_CONSTRAINTS,
-        [a, tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2),
-         tl.load(code_ptr + 3), tl.load(code_ptr + 4), tl.load(code_ptr + 5),
-         tl.load(code_ptr + 6), tl.load(code_ptr + 7), tl.load(code_ptr + 8),
-         tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
-         tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14),
-         tl.load(code_ptr + 15)],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
-        is_pure=True, pack=1)
-
-
 @triton.jit
 def interleave8(v0, v1, v2, v3, v4, v5, v6, v7):
     """[..., Q] x 8 -> [..., Q, 8] with [..., q, k] = v_k[..., q] (join appends its axis last,

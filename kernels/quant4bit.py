@@ -26,15 +26,6 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   (then it converts layouts before the store); ``words1`` hints one word per thread
   (``tl.max_contiguous``), whose layout is exactly the store's.
   Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype.
-* Dequantize, ``words_prmt`` (same kernel, ``PRMT``; 16-bit outputs on CUDA): the output of a
-  weight depends only on its code and its block, ``round16(code[q] * absmax_b)``, so each tile
-  row first builds its block's 16 scaled outputs (16 float32 multiplies, 8 packing converts,
-  8 byte permutes: ``decode4bit.scaled_planes``) and ``decode8``'s PRMT path then looks every
-  weight up in that table: no gather and no multiply per weight, the same bits as the
-  reference (checked once per device and dtype against it, ``_scaled_tables_ok``).
-* ``bytes_flat`` / ``words_prmt_flat``: a first pass (``_absmax32_kernel``) writes the float32
-  absmax of a double-quantized state (4 bytes written and read per block: ~5 % more traffic at B = 64), so the
-  main kernel waits on one load per tile row instead of a chain of three.
 * Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``, shared with
   the fused matmul in ``matmul4bit_kernels.py``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
@@ -85,7 +76,6 @@ Entry points have the contracts of the references: ``quantize_4bit_triton``,
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Dict, List, Optional
@@ -103,7 +93,7 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
-from .decode4bit import decode8, interleave8, prmt_decoder_ok, scaled_planes
+from .decode4bit import decode8, interleave8
 from .matmul4bit_kernels import _block_absmax
 from .tuning import Candidate, Tuned, _interpreting
 
@@ -152,9 +142,7 @@ def _dequant4w_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
                       out_ptr, nwords, nblocks,
                       BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
                       WC: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr,
-                      RNE_BITS: tl.constexpr, ONE_WORD: tl.constexpr, PRMT: tl.constexpr):
-    """PRMT (16-bit outputs on CUDA): decode straight to the output through each tile row's
-    scaled table (``scaled_planes``), no multiply per weight; else table gathers, then x absmax."""
+                      RNE_BITS: tl.constexpr, ONE_WORD: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = pid * ROWS + tl.arange(0, ROWS)                       # [ROWS] tile rows
     widx = row[:, None] * WC + tl.arange(0, WC)[None, :]         # [ROWS, WC] word index
@@ -162,35 +150,13 @@ def _dequant4w_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
         widx = tl.max_contiguous(widx, [1, 1])
     wmask = widx < nwords
     wd = tl.load(words_ptr + widx, mask=wmask, other=0)
+    v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, 0, 0, 0, 0, 0, 0, 0, 0, False)
+    vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
     blk = (row * (8 * WC)) // BS                                 # block of each tile row
     am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < nblocks, NESTED,
                        BS2)
     eidx = widx[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # 8 contiguous per word
-    if PRMT:
-        t0, t1, t2, t3, t4, t5, t6, t7 = scaled_planes(am, code_ptr, OUT == 1)
-        v0, v1, v2, v3, v4, v5, v6, v7 = decode8(
-            wd, out_ptr, tl.broadcast_to(t0[:, None], (ROWS, WC)),
-            tl.broadcast_to(t1[:, None], (ROWS, WC)), tl.broadcast_to(t2[:, None], (ROWS, WC)),
-            tl.broadcast_to(t3[:, None], (ROWS, WC)), tl.broadcast_to(t4[:, None], (ROWS, WC)),
-            tl.broadcast_to(t5[:, None], (ROWS, WC)), tl.broadcast_to(t6[:, None], (ROWS, WC)),
-            tl.broadcast_to(t7[:, None], (ROWS, WC)), True)
-        vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
-        tl.store(out_ptr + eidx, vals, mask=wmask[:, :, None])
-    else:
-        v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, 0, 0, 0, 0, 0, 0, 0, 0, False)
-        vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
-        _store_out(out_ptr, eidx, vals * am[:, None, None], wmask[:, :, None], OUT, RNE_BITS)
-
-
-@triton.jit
-def _absmax32_kernel(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, nblocks,
-                     BS2: tl.constexpr, BLOCK: tl.constexpr):
-    """float32 absmax of every block of a double-quantized state (the ``flat`` variants' first
-    pass: the 4-bit kernel then reads one independent float instead of a chain of three loads)."""
-    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = blk < nblocks
-    tl.store(out_ptr + blk, _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, m,
-                                          True, BS2), mask=m)
+    _store_out(out_ptr, eidx, vals * am[:, None, None], wmask[:, :, None], OUT, RNE_BITS)
 
 
 @triton.jit
@@ -335,19 +301,8 @@ def _dequant8_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, BS,
 
 
 # ---- launches: every variant of one op takes the same arguments ----------------------------
-def _flat_absmax(absmax, absmax2, code2, offset, nblocks, BS2):
-    """``_absmax32_kernel`` into a fresh float32 [nblocks]."""
-    flat = torch.empty(nblocks, dtype=torch.float32, device=absmax.device)
-    _absmax32_kernel[(triton.cdiv(nblocks, 1024),)](absmax, absmax2, code2, offset, flat, nblocks,
-                                                   BS2=BS2, BLOCK=1024, enable_fp_fusion=False,
-                                                   num_warps=4)
-    return flat
-
-
 def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
-               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, FLAT=False, **kw):
-    if FLAT and NESTED:
-        absmax, NESTED = _flat_absmax(absmax, absmax2, code2, offset, nblocks, BS2), False
+               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, **kw):
     nbytes = (n + 1) // 2
     cols = min(BS // 2, _COLS_MAX)
     rows = max(1, ELEMS // (2 * cols))
@@ -358,16 +313,14 @@ def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
 
 
 def _dq4_words(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
-               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, PRMT=False, FLAT=False, **kw):
-    if FLAT and NESTED:
-        absmax, NESTED = _flat_absmax(absmax, absmax2, code2, offset, nblocks, BS2), False
+               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
     nwords = n // 8                                              # eligible: n % 8 == 0
     wc = min(BS // 8, _WCOLS_MAX)
     rows = max(1, ELEMS // (8 * wc))
     grid = (triton.cdiv(triton.cdiv(nwords, wc), rows),)
     _dequant4w_kernel[grid](packed.view(torch.int32), absmax, code, absmax2, code2, offset, out,
                             nwords, nblocks, BS=BS, BS2=BS2, ROWS=rows, WC=wc, NESTED=NESTED,
-                            OUT=OUT, RNE_BITS=RNE_BITS, ONE_WORD=ONE_WORD, PRMT=PRMT,
+                            OUT=OUT, RNE_BITS=RNE_BITS, ONE_WORD=ONE_WORD,
                             enable_fp_fusion=False, **kw)
 
 
@@ -382,23 +335,17 @@ def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK
 # ---- tuner --------------------------------------------------------------------------------
 # (elements, warps); on the H200 (Triton 3.6) 2048 x 4 won every key, larger tiles never did
 _SIZES = ((2048, 4), (4096, 4), (8192, 8))
-# the scaled-table variants amortise a 20-instruction table over a tile row: bigger tiles
-_PRMT_SIZES = ((4096, 4), (8192, 4), (16384, 8))
 _TUNE_MIN = 1 << 20  # smaller tensors take the first eligible candidate, untimed
 
 
-def _candidates(variants, sizes=_SIZES) -> List[Candidate]:
+def _candidates(variants) -> List[Candidate]:
     return [Candidate(name, launch, consts, e, w) for name, launch, consts in variants
-            for e, w in sizes]
+            for e, w in _SIZES]
 
 
 _dequant4 = Tuned("dequant", _candidates([("words", _dq4_words, dict(ONE_WORD=False)),
                                            ("words1", _dq4_words, dict(ONE_WORD=True)),
-                                           ("bytes", _dq4_bytes, {}),
-                                           ("bytes_flat", _dq4_bytes, dict(FLAT=True))])
-                  + _candidates([("words_prmt", _dq4_words, dict(ONE_WORD=False, PRMT=True)),
-                                 ("words_prmt_flat", _dq4_words,
-                                  dict(ONE_WORD=False, PRMT=True, FLAT=True))], _PRMT_SIZES))
+                                           ("bytes", _dq4_bytes, {})]))
 _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
                                        ("words1", _q4_launch, dict(PACK=2, CELLS=True)),
                                        ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
@@ -406,16 +353,6 @@ _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=T
 _TUNERS = {"dequant": _dequant4, "quant": _quant4}
 _ALL = ("words", "words1", "bytes", "bytes_tree")
 _BYTES = ("bytes", "bytes_tree")  # any n
-_DEQUANT_ALL = ("words", "words1", "bytes", "bytes_flat", "words_prmt", "words_prmt_flat")
-_FLAT = ("bytes_flat", "words_prmt_flat")    # double-quantized states only
-_PRMT = ("words_prmt", "words_prmt_flat")    # 16-bit outputs on CUDA, PRMT decoder verified
-
-
-def _dequant_eligible(words_ok: bool, nested: bool, prmt_ok: bool) -> tuple:
-    """The dequantize variants that can run on this input (in the candidates' order)."""
-    return tuple(v for v in _DEQUANT_ALL
-                 if (words_ok or v.startswith("bytes")) and (nested or v not in _FLAT)
-                 and (prmt_ok or v not in _PRMT))
 
 
 def last_choice(op: str) -> Optional[str]:
@@ -433,9 +370,8 @@ def tuner_choices() -> Dict[str, Dict[tuple, str]]:
 def forced_variant(op: str, variant: str, elems: Optional[int] = None,
                    num_warps: Optional[int] = None):
     """Run ``op`` with ``variant`` (where eligible; else the first eligible, untimed)."""
-    known = _ALL if op == "quant" else _DEQUANT_ALL
-    if variant not in known:
-        raise ValueError(f"unknown 4-bit {op} kernel variant {variant!r}; one of {known}")
+    if variant not in _ALL:
+        raise ValueError(f"unknown 4-bit kernel variant {variant!r}; one of {_ALL}")
     tuner = _TUNERS[op]
     saved, tuner.force = tuner.force, (variant, elems, num_warps)
     try:
@@ -553,39 +489,6 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
     return packed, state
 
 
-@lru_cache(maxsize=None)
-def _scaled_tables_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """True if the scaled-table (PRMT) dequantize matches the reference bit for bit on ``device``
-    for ``dtype`` outputs (checked once: NF4 and FP4, nested, random blocks plus an all-zero one;
-    a mismatch or a compile error leaves the other variants in charge, with a warning)."""
-    if not prmt_decoder_ok(device, dtype):
-        return False
-    from peftlab.quant.functional import dequantize_4bit_reference, quantize_4bit_reference
-
-    try:
-        gen = torch.Generator().manual_seed(3)
-        w = torch.randn(64, 4096, generator=gen) * torch.rand(64, 1, generator=gen)
-        w[3] = 0.0
-        for qt in ("nf4", "fp4"):
-            q, st = quantize_4bit_reference(w, 64, qt, True)
-            q, st = q.to(device), st.to(device)
-            out = torch.empty(w.shape, dtype=dtype, device=device)
-            nested = (st.state2.absmax, st.state2.code, st.offset)
-            _dq4_words(q.view(-1).view(torch.int32), st.absmax, st.code, *nested, out, w.numel(),
-                       st.absmax.numel(), ELEMS=4096, BS=64, BS2=st.state2.blocksize, NESTED=True,
-                       OUT=_OUT_KIND[dtype], RNE_BITS=False, ONE_WORD=False, PRMT=True, num_warps=4)
-            ref = dequantize_4bit_reference(q, st, dtype)
-            if not torch.equal(out.view(torch.int16), ref.view(torch.int16)):
-                warnings.warn(f"4-bit scaled-table dequantize disagrees with the reference on "
-                              f"{device} ({dtype}, {qt}); not using it")
-                return False
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure means: use the other variants
-        warnings.warn(f"4-bit scaled-table dequantize unavailable on {device} "
-                      f"({type(e).__name__}: {e})")
-        return False
-
-
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
                            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Kernel twin of ``dequantize_4bit_reference`` -> tensor of ``state.shape``."""
@@ -598,9 +501,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
     offset = state.offset if nested else state.absmax
     bs2 = state.state2.blocksize if nested else 1
     flat = packed.contiguous().view(-1)
-    prmt_ok = (out_dtype in (torch.bfloat16, torch.float16) and not _interpreting(packed)
-               and _scaled_tables_ok(packed.device, out_dtype))
-    eligible = _dequant_eligible(n % 8 == 0 and _word_aligned(flat), nested, prmt_ok)
+    eligible = _ALL if n % 8 == 0 and _word_aligned(flat) else _BYTES
     _dequant4((state.blocksize, _size_bucket(n), out_dtype, nested, eligible), eligible,
               n >= _TUNE_MIN, flat, state.absmax.contiguous(), state.code.contiguous(),
               absmax2.contiguous(), code2.contiguous(), offset, out, n, state.absmax.numel(),
