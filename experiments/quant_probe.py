@@ -10,6 +10,7 @@ Two questions, one run (H200: ~40 s):
      nibbles    a Triton kernel with dequantize's traffic and no table: int32 words in, each of
                 the 8 nibbles converted to bf16 and stored (8 x 2 bytes per thread, 16-byte
                 stores)                                         reads n/2, writes 2n
+     steps      the same plus a table gather per weight and/or a float32 absmax per 64
      dequant    ours, NF4 + double quantization -> bf16         reads n/2 + n/64 + ..., writes 2n
                 (the tuner's pick, then every candidate forced)
    If `nibbles` is not much faster than `dequant`, the decode is not what limits dequantize.
@@ -51,6 +52,26 @@ def _nibbles_kernel(words_ptr, out_ptr, nwords, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, v.to(tl.bfloat16), mask=offs < nwords * 8)
 
 
+@triton.jit
+def _steps_kernel(words_ptr, code_ptr, am_ptr, out_ptr, nwords, BLOCK: tl.constexpr,
+                  GATHER: tl.constexpr, SCALE: tl.constexpr):
+    """``nibbles`` plus dequantize's steps one at a time: GATHER looks each nibble up in the
+    16-entry float32 table; SCALE multiplies by a float32 absmax per 64 weights (a load per word)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < nwords
+    w = tl.load(words_ptr + i, mask=m, other=0)
+    j = tl.arange(0, 8)
+    q = (w[:, None] >> ((j ^ 1) * 4)[None, :]) & 15
+    if GATHER:
+        v = tl.load(code_ptr + q)
+    else:
+        v = q.to(tl.float32)
+    if SCALE:
+        v = v * tl.load(am_ptr + i // 8, mask=m, other=0.0)[:, None]
+    offs = i[:, None] * 8 + j[None, :]
+    tl.store(out_ptr + offs, v.to(tl.bfloat16), mask=m[:, None])
+
+
 def nibbles(words: torch.Tensor, out: torch.Tensor, block: int = 256) -> None:
     n = words.numel()
     _nibbles_kernel[(triton.cdiv(n, block),)](words, out, n, BLOCK=block, num_warps=4)
@@ -84,6 +105,12 @@ def ceilings(shape) -> None:
     for block in (128, 256, 512):
         add(f"nibbles (block {block} words)",
             rotated(lambda r: nibbles(wrep[r], outs[r], block), R, True), 2 * n + n // 2)
+    am32 = state.absmax.float() if not state.nested else torch.rand(n // 64, device="cuda")
+    for gather, scale in ((True, False), (False, True), (True, True)):
+        add(f"steps (block 256): gather={gather:d} scale={scale:d}",
+            rotated(lambda r: _steps_kernel[(triton.cdiv(words.numel(), 256),)](
+                wrep[r], state.code, am32, outs[r], words.numel(), BLOCK=256, GATHER=gather,
+                SCALE=scale, num_warps=4), R, True), 2 * n + n // 2 + (n // 16 if scale else 0))
     ref = torch.empty_like(w)
     nibbles(words, ref)
     first = ((words[0] >> 4) & 15).item()  # spot check of the ordering: element 1 of word 0

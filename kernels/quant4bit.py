@@ -16,16 +16,17 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   high nibble is the even element), looked up in the 16-entry float32 code table (a gather
   that stays in L1) and scaled by the row's absmax. Interleaving leaves each thread 2 adjacent
   outputs, so stores are narrow.
-* Dequantize, ``words`` / ``words1`` (``_dequant4w_kernel``, needs ``n % 8 == 0`` and a
-  4-byte-aligned packed tensor): a ``[ROWS, WC]`` tile of int32 words (8 codes each, WC
-  divides ``B / 8``), decoded by ``decode4bit.decode8``'s table path (float32 gathers),
-  assembled with ``interleave8`` (``tl.join``: the new axes stay inside the thread) into
-  ``[ROWS, WC, 8]`` and stored through an offset tile built from aranges (Triton's axis
-  analysis sees 8 contiguous outputs: one 16-byte store per word for 16-bit outputs; an index
-  built by ``join`` would be opaque to it). ``words`` lets the compiler vectorize the word loads
-  (then it converts layouts before the store); ``words1`` hints one word per thread
-  (``tl.max_contiguous``), whose layout is exactly the store's.
-  Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype.
+* Dequantize, ``tile`` / ``tile1`` (``_dequant4t_kernel``, needs ``n % 8 == 0`` and a
+  4-byte-aligned packed tensor): shaped like a widening copy — a 1-D run of int32 words (8
+  codes each), ``[WORDS, 8]`` nibbles by broadcasting shifts (code ``k`` of a word at bit
+  ``4 (k ^ 1)``), a gather per weight from the 16-entry float32 table (L1), the block's absmax
+  per word (L1 hits within a block), one 16-byte store per word for 16-bit outputs. ``tile1``
+  hints one word per thread (``tl.max_contiguous``): the load layout is the store layout, no
+  conversion through shared memory; it won every key on the H200 (3.9 TB/s on 28672x8192).
+  Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype. (Until
+  session 12 the word variants decoded with ``decode4bit.decode8`` and assembled the outputs
+  with ``tl.join``; their layouts cost a shared-memory round trip or several rows per thread,
+  1.3 TB/s: ``experiments/results/h200_kernels.md``.)
 * Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``, shared with
   the fused matmul in ``matmul4bit_kernels.py``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
@@ -93,13 +94,11 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
-from .decode4bit import decode8, interleave8
 from .matmul4bit_kernels import _block_absmax
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _COLS_MAX = 64   # packed bytes per byte-dequant tile row (128 outputs)
-_WCOLS_MAX = 64  # words per word-dequant tile row (512 outputs)
 
 
 @triton.jit
@@ -138,25 +137,27 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
 
 
 @triton.jit
-def _dequant4w_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+def _dequant4t_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                       out_ptr, nwords, nblocks,
-                      BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
-                      WC: tl.constexpr, NESTED: tl.constexpr, OUT: tl.constexpr,
-                      RNE_BITS: tl.constexpr, ONE_WORD: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid * ROWS + tl.arange(0, ROWS)                       # [ROWS] tile rows
-    widx = row[:, None] * WC + tl.arange(0, WC)[None, :]         # [ROWS, WC] word index
-    if ONE_WORD:  # one word per thread: the load layout is the store layout, no conversion
-        widx = tl.max_contiguous(widx, [1, 1])
-    wmask = widx < nwords
-    wd = tl.load(words_ptr + widx, mask=wmask, other=0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = decode8(wd, code_ptr, 0, 0, 0, 0, 0, 0, 0, 0, False)
-    vals = tl.reshape(interleave8(v0, v1, v2, v3, v4, v5, v6, v7), [ROWS, WC, 8])
-    blk = (row * (8 * WC)) // BS                                 # block of each tile row
-    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, blk < nblocks, NESTED,
-                       BS2)
-    eidx = widx[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # 8 contiguous per word
-    _store_out(out_ptr, eidx, vals * am[:, None, None], wmask[:, :, None], OUT, RNE_BITS)
+                      BS: tl.constexpr, BS2: tl.constexpr, WORDS: tl.constexpr,
+                      NESTED: tl.constexpr, OUT: tl.constexpr, RNE_BITS: tl.constexpr,
+                      ONE_WORD: tl.constexpr):
+    """``tile``: WORDS int32 words -> ``[WORDS, 8]`` outputs built by broadcasting, the shape of
+    a plain widening copy (nibble ``k`` of word ``i`` at bit ``SHIFTS[k] = 4 (k ^ 1)``), so the
+    compiler keeps each word's 8 outputs in one thread for one 16-byte store without joins.
+    ONE_WORD (``tile1``): one word per thread and load, no layout conversion before the store."""
+    i = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
+    if ONE_WORD:
+        i = tl.max_contiguous(i, 1)
+    wmask = i < nwords
+    wd = tl.load(words_ptr + i, mask=wmask, other=0)
+    k = tl.arange(0, 8)
+    nib = (wd[:, None] >> ((k ^ 1) * 4)[None, :]) & 15               # [WORDS, 8]
+    am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (i * 8) // BS,
+                       wmask, NESTED, BS2)                            # [WORDS]
+    vals = tl.load(code_ptr + nib) * am[:, None]
+    eidx = i[:, None] * 8 + k[None, :]
+    _store_out(out_ptr, eidx, vals, wmask[:, None], OUT, RNE_BITS)
 
 
 @triton.jit
@@ -312,16 +313,14 @@ def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
                            RNE_BITS=RNE_BITS, enable_fp_fusion=False, **kw)
 
 
-def _dq4_words(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
-               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
+def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
+              ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
     nwords = n // 8                                              # eligible: n % 8 == 0
-    wc = min(BS // 8, _WCOLS_MAX)
-    rows = max(1, ELEMS // (8 * wc))
-    grid = (triton.cdiv(triton.cdiv(nwords, wc), rows),)
-    _dequant4w_kernel[grid](packed.view(torch.int32), absmax, code, absmax2, code2, offset, out,
-                            nwords, nblocks, BS=BS, BS2=BS2, ROWS=rows, WC=wc, NESTED=NESTED,
-                            OUT=OUT, RNE_BITS=RNE_BITS, ONE_WORD=ONE_WORD,
-                            enable_fp_fusion=False, **kw)
+    words = ELEMS // 8
+    _dequant4t_kernel[(triton.cdiv(nwords, words),)](
+        packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords, nblocks,
+        BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
+        ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
 
 
 def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK, CELLS, **kw):
@@ -333,7 +332,7 @@ def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK
 
 
 # ---- tuner --------------------------------------------------------------------------------
-# (elements, warps); on the H200 (Triton 3.6) 2048 x 4 won every key, larger tiles never did
+# (elements, warps); on the H200 (Triton 3.6) 2048-4096 x 4 won every key
 _SIZES = ((2048, 4), (4096, 4), (8192, 8))
 _TUNE_MIN = 1 << 20  # smaller tensors take the first eligible candidate, untimed
 
@@ -343,15 +342,15 @@ def _candidates(variants) -> List[Candidate]:
             for e, w in _SIZES]
 
 
-_dequant4 = Tuned("dequant", _candidates([("words", _dq4_words, dict(ONE_WORD=False)),
-                                           ("words1", _dq4_words, dict(ONE_WORD=True)),
+_dequant4 = Tuned("dequant", _candidates([("tile1", _dq4_tile, dict(ONE_WORD=True)),
+                                           ("tile", _dq4_tile, dict(ONE_WORD=False)),
                                            ("bytes", _dq4_bytes, {})]))
 _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
                                        ("words1", _q4_launch, dict(PACK=2, CELLS=True)),
                                        ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
                                        ("bytes_tree", _q4_launch, dict(PACK=0, CELLS=False))]))
 _TUNERS = {"dequant": _dequant4, "quant": _quant4}
-_ALL = ("words", "words1", "bytes", "bytes_tree")
+_ALL = ("words", "words1", "bytes", "bytes_tree", "tile", "tile1")  # quant: words*, bytes*
 _BYTES = ("bytes", "bytes_tree")  # any n
 
 

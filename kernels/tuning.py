@@ -51,7 +51,7 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 class Candidate(NamedTuple):
-    variant: str          # "bytes", "words", "words1", "bytes_tree" (quant)
+    variant: str          # quant: "words", "words1", "bytes", "bytes_tree"; dequant: "tile1", ...
     launch: Callable
     consts: dict          # variant constexprs
     elems: int            # elements per program

@@ -3,8 +3,9 @@
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so every
 case here is small; on a CUDA machine the same cases also run on the GPU, plus larger shapes.
 Bit-exact means identical bit patterns (so -0.0 vs +0.0 and bf16 rounding are caught). Every
-kernel variant (``bytes``, ``words``, ``words1``) is forced in turn, including the fallbacks to
-``bytes`` where the word kernels do not apply.
+kernel variant (quantize: ``bytes``, ``words``, ``words1``, ``bytes_tree``; dequantize: ``bytes``,
+``tile``, ``tile1``) is forced in turn, including the fallbacks to ``bytes`` where the word
+kernels do not apply.
 """
 import pytest
 import torch
@@ -203,7 +204,7 @@ def test_bench_quant_smoke(tmp_path):
     ops = {(r["shape"], r["op"], r["impl"]) for r in rows}
     assert ("64x128", "dequant", "peftlab") in ops and ("33x130", "quant", "peftlab") in ops
     assert all(float(r["ms"]) > 0 and r["gpu"] and r["v_torch"] for r in rows)
-    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "bytes_tree")
+    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "bytes_tree", "tile", "tile1")
                for r in rows if r["impl"] == "peftlab")
     with open(tmp_path / f"bench_quant_check{suffix}.csv") as f:
         checks = list(csv.DictReader(f))
@@ -212,7 +213,7 @@ def test_bench_quant_smoke(tmp_path):
 
 
 QUANT_VARIANTS = ["bytes", "words", "words1", "bytes_tree"]
-DEQUANT_VARIANTS = ["bytes", "words", "words1"]
+DEQUANT_VARIANTS = ["bytes", "tile", "tile1"]
 VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 == 0 -> words
     ("nf4", True, torch.bfloat16, (3, 1000), 64),       # ragged last block (3000 % 64 = 56)
     ("fp4", False, torch.float32, (40, 32), 32),
@@ -298,7 +299,7 @@ def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["words", "words1"])
+@pytest.mark.parametrize("variant", ["tile", "tile1"])
 def test_word_dequant_falls_back_on_misaligned_packed(device, variant):
     w = make_weight((4, 256), torch.float32, device, 64, seed=5)
     q, s = quantize_4bit_reference(w, 64, "nf4", True)
