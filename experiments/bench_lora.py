@@ -2,11 +2,20 @@
 
 Both sides get the same Llama config and the same weights (one random checkpoint written by
 transformers and loaded by both), LoRA r=8, alpha=16, no dropout, on every linear layer of the
-decoder (q, k, v, o, gate, up, down), float32, and the same step:
+decoder (q, k, v, o, gate, up, down), float32. Each side runs its own natural training step on
+the same batch ids [batch, seq], with the mean next-token cross-entropy over the batch * (seq - 1)
+predicted positions as the loss:
 
-    logits = model(ids)                              ids [batch, seq]; HF with use_cache=False
-    loss   = CE(logits[:, :-1], ids[:, 1:])          the same loss code for both
-    loss.backward();  AdamW.step();  zero_grad()     torch.optim.AdamW (foreach=False), adapters only
+    peftlab:            s, n = causal_lm_loss_sum(model, ids, ids);  loss = s / n
+                        (peftlab.train.linear_ce: final hidden states, then output head and
+                        cross-entropy fused in row chunks; the trainer's loss)
+    transformers+PEFT:  loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        (transformers' own causal-LM loss: full logits, then cross-entropy)
+    both:               loss.backward();  AdamW.step();  zero_grad()
+                        torch.optim.AdamW (foreach=False), adapters only
+
+Before timing, the two models must agree on the logits (max relative error <= 1e-4) and on the
+loss of the batch (relative 1e-5), so both steps compute the same thing.
 
 Timing alternates the two (A B, then B A, ...) so that load on a shared machine hits both alike;
 the ratio is the median over pairs of t_HF / t_peftlab. tokens/s = batch * seq / median step time.
@@ -38,7 +47,6 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,8 +55,17 @@ from runlog import cpu_name  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+def peftlab_loss(model) -> Callable:
+    from peftlab.train.linear_ce import causal_lm_loss_sum
+
+    def loss(ids):
+        s, n = causal_lm_loss_sum(model, ids, ids)
+        return s / n
+    return loss
+
+
+def hf_loss(model) -> Callable:
+    return lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def build_models(args, tmp: Path):
@@ -101,12 +118,22 @@ def check_same(ours, hf, ids) -> float:
     return err
 
 
-def train_step_fn(model, forward: Callable, lr: float = 1e-4):
+def check_same_loss(ours, hf, ids) -> float:
+    with torch.no_grad():
+        a = float(peftlab_loss(ours)(ids))
+        b = float(hf_loss(hf)(ids))
+    err = abs(a - b) / abs(b)
+    if err > 1e-5:
+        raise SystemExit(f"peftlab and HF PEFT losses differ: {a} vs {b} (relative {err:.2e})")
+    return err
+
+
+def train_step_fn(model, loss_fn: Callable, lr: float = 1e-4):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, foreach=False)
 
     def step(ids):
-        loss = lm_loss(forward(ids), ids)
+        loss = loss_fn(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,11 +210,11 @@ def main(argv=None) -> None:
         ours, hf, base = build_models(args, Path(tmp))
     ids = torch.randint(4, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
     err = check_same(ours.eval(), hf.eval(), ids)
+    loss_err = check_same_loss(ours, hf, ids)
     ours.train()
     hf.train()
     tokens = args.batch * args.seq
-    fns = {"peftlab": train_step_fn(ours, lambda x: ours(x)),
-           "hf_peft": train_step_fn(hf, lambda x: hf(input_ids=x, use_cache=False).logits)}
+    fns = {"peftlab": train_step_fn(ours, peftlab_loss(ours)), "hf_peft": train_step_fn(hf, hf_loss(hf))}
     lora_eval = copy.deepcopy(ours).eval()
     merged = peftlab.merge_and_unload(copy.deepcopy(ours)).eval()
     base.eval()
@@ -241,7 +268,10 @@ def main(argv=None) -> None:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     md = ["# LoRA training step on the CPU: peftlab vs transformers + PEFT", "", shape, "", header, "",
-          f"Logits agree before timing (max relative error {err:.1e}); merged vs unmerged "
+          "Each side's own training step: peftlab `causal_lm_loss_sum` (fused head + cross-entropy), "
+          "transformers+PEFT `model(input_ids, labels=...).loss`. "
+          f"Logits agree before timing (max relative error {err:.1e}), and so do the losses "
+          f"(relative {loss_err:.1e}); merged vs unmerged "
           f"{merge_err:.1e}. {args.pairs} interleaved training rounds, {args.infer_pairs} inference "
           "rounds per thread count; ratios are medians of per-round ratios.", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

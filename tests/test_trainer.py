@@ -102,15 +102,15 @@ def test_accumulation_equals_large_batch(base_dir, tmp_path):
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(base_dir, tmp_path, monkeypatch):
     import peftlab.train.trainer as T
 
-    real = T.token_loss_sum
+    real = T.causal_lm_loss_sum  # the trainer's loss for every micro-batch
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(model, ids, labels):
         calls["n"] += 1
-        s, n = real(logits, labels)
+        s, n = real(model, ids, labels)
         return (s * float("nan"), n) if calls["n"] > 3 else (s, n)
 
-    monkeypatch.setattr(T, "token_loss_sum", poisoned)
+    monkeypatch.setattr(T, "causal_lm_loss_sum", poisoned)
     with pytest.raises(TrainingError, match=r"step 3: loss is nan.*Last good checkpoint: .*step-000002"):
         train(_cfg(base_dir, tmp_path / "nan", save_every=2))
     ck = tmp_path / "nan" / "checkpoints"

@@ -3,6 +3,8 @@
     loss = -(1/N) Σ_t log p(y_t | y_<t)  over the N trained (answer) tokens,   ppl = exp(loss)
     accuracy = (1/M) Σ_i [normalise(greedy answer_i) == normalise(reference_i)]
 
+The loss runs through `linear_ce.causal_lm_loss_sum` (output head and cross-entropy fused in row
+chunks, so no [B, T, vocab] logits tensor where the model allows; `token_loss_sum` otherwise).
 Generation runs in left-padded batches with the KV cache (models/generation.py) and stops at
 the end-of-sequence token.
 """
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from ..data.collate import Collator, encode_example, encode_prompt, reference_answer
 from ..data.match import exact_match
 from ..models.generation import generate, left_pad
+from .linear_ce import causal_lm_loss_sum
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -47,9 +50,8 @@ def evaluate_loss(model: nn.Module, tokenizer, examples: Sequence[Any], template
     total, count = 0.0, 0
     for i in range(0, len(enc), batch_size):
         batch = collate(enc[i:i + batch_size])
-        with _autocast(device, autocast_dtype):
-            logits = model(batch["input_ids"].to(device))
-        s, n = token_loss_sum(logits, batch["labels"].to(device))
+        with _autocast(device, autocast_dtype):  # fused head + CE: no [B, T, vocab] logits where possible
+            s, n = causal_lm_loss_sum(model, batch["input_ids"].to(device), batch["labels"].to(device))
         total += float(s)
         count += n
     model.train(was_training)

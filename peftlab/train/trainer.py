@@ -13,6 +13,9 @@ lr_t = lr · (m + (1 - m) · (1 + cos(π · progress)) / 2) with m = min_lr_rati
 
 The loss is normalised by the number of target tokens in the whole optimizer step (all
 micro-batches, all ranks), so accumulation and data parallelism reproduce the large-batch step.
+Each micro-batch's loss is `linear_ce.causal_lm_loss_sum`: output head and cross-entropy fused in
+row chunks, never the whole [B, T, vocab] logits tensor, unless the head cannot be applied apart
+from the model (a LoRA or 4-bit head, FSDP, a trainable head under DDP: `output_head`'s rules).
 A non-finite loss stops the run with `TrainingError` before anything is written, leaving the
 last good checkpoint intact. Metrics go to `run_dir/metrics.jsonl`; a resumed run drops the rows
 of the steps after its checkpoint and logs them again. With `max_minutes` the run stops after
@@ -36,7 +39,8 @@ from ..fileio import atomic_write, write_json
 from .batches import StepSampler
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DTYPES, TrainConfig, to_yaml
-from .evaluate import _autocast, evaluate_accuracy, evaluate_loss, token_loss_sum
+from .evaluate import _autocast, evaluate_accuracy, evaluate_loss
+from .linear_ce import causal_lm_loss_sum
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_BASES = ("tiny", "small", "small-bias")
@@ -339,9 +343,8 @@ def train(cfg: TrainConfig, log=print, dist=None) -> RunResult:
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             sync = dist.no_sync(model) if (dist and k < len(micro) - 1) else contextlib.nullcontext()
             with sync:
-                with _autocast(device, autocast_dtype):
-                    logits = model(ids)
-                loss_sum, _ = token_loss_sum(logits, labels)
+                with _autocast(device, autocast_dtype):  # fused head + CE where the model allows it
+                    loss_sum, _ = causal_lm_loss_sum(model, ids, labels)
                 loss = loss_sum / max(n_target, 1) * world  # DDP averages gradients over ranks
                 loss.backward()
             step_loss += float(loss_sum.detach())
