@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quant import (bitsandbytes_cuda, lib_versions, nbytes, print_table,  # noqa: E402
-                         replicas, state_bytes, timer, write_csv)
+                         replicas, state_bytes, timed, timer, write_csv)
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]   # N x K
 MS = [1, 16, 64, 256, 4096]
@@ -165,38 +165,6 @@ def guarded(fn: Callable[[int], object], cuda: bool, reps: int):
         return ms, out, how
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {str(e)[:120]}", ""
-
-
-def timed(fn: Callable[[int], object], cuda: bool, reps: int):
-    """(median ms per call, how). ``fn(r)`` computes on replica r of the inputs; one timed unit
-    calls it on replicas 0..reps-1 in turn, so no call finds its weight in L2 (the replicas
-    together are a few times the L2 size) and the L2 flush before each unit, whose dirty lines
-    are written back during the first call, is shared by ``reps`` calls instead of charged to
-    one. On CUDA the unit is captured once into a CUDA graph and its replays are timed with
-    do_bench: no method's host-side launch overhead leaks into the GPU time. Methods that cannot
-    be captured run eagerly."""
-    def unit():
-        for r in range(reps):
-            fn(r)
-
-    if not cuda:
-        return timer(unit, cuda) / reps, "cpu"
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):         # warm-up: per-stream buffers, no autotuning
-            unit()
-            unit()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            unit()
-        ms = timer(graph.replay, cuda) / reps
-        del graph
-        return ms, "graph"
-    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
-        torch.cuda.synchronize()
-        return timer(unit, cuda) / reps, "eager"
 
 
 def verdict(M: int, speedup: Optional[float]) -> str:

@@ -9,7 +9,10 @@ that together are ~3x the L2 size, time divided by the replica count, so the wri
 flushed L2's dirty lines is not charged to one call):
 
   dequant   ours and bitsandbytes' (when it imports with CUDA): NF4/FP4, double quant on/off,
-            bf16 output; effective TB/s = (bytes read + bytes written) / time.
+            bf16 output; effective TB/s = (bytes read + bytes written) / time. Timed twice:
+            launched from Python (``ms``: at the middle sizes this is the host's time to issue
+            the call, for bitsandbytes too, and it varies between machines) and as CUDA-graph
+            replays of the same rotated calls (``graph_ms``: the GPU's time, see ``timed``).
             Target: >= 3.6 TB/s for NF4 + double quant (bitsandbytes: about 2 TB/s).
   quant     ours and bitsandbytes': NF4/FP4 with double quant, bf16 input.
             Target: 4096x14336 at least 5x faster than bitsandbytes (0.69 ms).
@@ -116,6 +119,38 @@ def rotated(fn: Callable[[int], object], reps: int, cuda: bool) -> float:
     return timer(unit, cuda) / reps
 
 
+def timed(fn: Callable[[int], object], cuda: bool, reps: int):
+    """(median ms per call, how). ``fn(r)`` computes on replica r of the inputs; one timed unit
+    calls it on replicas 0..reps-1 in turn, so no call finds its weight in L2 (the replicas
+    together are a few times the L2 size) and the L2 flush before each unit, whose dirty lines
+    are written back during the first call, is shared by ``reps`` calls instead of charged to
+    one. On CUDA the unit is captured once into a CUDA graph and its replays are timed with
+    do_bench: no method's host-side launch overhead leaks into the GPU time. Methods that cannot
+    be captured run eagerly."""
+    def unit():
+        for r in range(reps):
+            fn(r)
+
+    if not cuda:
+        return timer(unit, cuda) / reps, "cpu"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):         # warm-up: per-stream buffers, no autotuning
+            unit()
+            unit()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            unit()
+        ms = timer(graph.replay, cuda) / reps
+        del graph
+        return ms, "graph"
+    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
+        torch.cuda.synchronize()
+        return timer(unit, cuda) / reps, "eager"
+
+
 def nbytes(*tensors) -> int:
     total = 0
     for t in tensors:
@@ -146,12 +181,17 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
     n = w.numel()
     name = f"{shape[0]}x{shape[1]}"
 
-    def add(op, qt, dq, impl, ms, moved, bnb_ms=None):
+    def add(op, qt, dq, impl, ms, moved, bnb_ms=None, graph=None, bnb_graph=None):
         config = ops["choice"](op) if impl == "peftlab" else ""  # what the timed call ran
+        g_ms, how = graph if graph else (None, "")
         rows.append(dict(shape=name, op=op, quant_type=qt, double_quant=dq, impl=impl,
                          ms=round(ms, 5), gbytes=round(moved / 1e9, 4),
                          tbps=round(moved / (ms * 1e-3) / 1e12, 3),
                          speedup_vs_bnb="" if bnb_ms is None else round(bnb_ms / ms, 2),
+                         graph_ms="" if how != "graph" else round(g_ms, 5),
+                         graph_tbps="" if how != "graph" else round(moved / (g_ms * 1e-3) / 1e12, 3),
+                         graph_speedup_vs_bnb="" if how != "graph" or not bnb_graph
+                         or bnb_graph[1] != "graph" else round(bnb_graph[0] / g_ms, 2),
                          config=config))
 
     # inputs rotate over R replicas (see ``rotated``): R_w for the bf16 weight, R_q for 4-bit
@@ -165,17 +205,20 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
         moved = nbytes(packed) + state_bytes(state) + 2 * n
         R_q = replicas(moved, cuda)
         reps = [(packed, state)] + [copy.deepcopy((packed, state)) for _ in range(R_q - 1)]
-        bnb_ms = None
+        bnb_ms = bnb_graph = None
         if bf is not None:
             b_packed, b_state = bf.quantize_4bit(w, blocksize=64, quant_type=qt,
                                                  compress_statistics=dq)
             b_reps = [(b_packed, b_state)] + [copy.deepcopy((b_packed, b_state))
                                               for _ in range(R_q - 1)]
             bnb_ms = rotated(lambda r: bf.dequantize_4bit(*b_reps[r]), R_q, cuda)
-            add("dequant", qt, dq, "bitsandbytes", bnb_ms, moved)
+            bnb_graph = timed(lambda r: bf.dequantize_4bit(*b_reps[r]), cuda, R_q)
+            add("dequant", qt, dq, "bitsandbytes", bnb_ms, moved, graph=bnb_graph)
             del b_reps
         ms = rotated(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), R_q, cuda)
-        add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms)
+        add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms,
+            graph=timed(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), cuda, R_q),
+            bnb_graph=bnb_graph)
         reps = None
         if dq:  # quantization, with double quant as QLoRA uses it
             qmoved = 2 * n + nbytes(packed) + state_bytes(state)
