@@ -48,10 +48,19 @@ def main():
                                          True, R)
                 finally:
                     mm.GEMV_MAX_M = default
+            outs = {}
+            for name, limit in (("gemv", 8), ("dot", 0)):   # the two paths agree?
+                mm.GEMV_MAX_M = limit
+                try:
+                    outs[name] = mm.matmul_4bit(xs[0], reps[0][1], reps[0][2]).float()
+                finally:
+                    mm.GEMV_MAX_M = default
+            err = float((outs["gemv"] - outs["dot"]).norm() / outs["dot"].norm())
             win = min(res, key=res.get)
+            tile = (mm.gemv_choice(M, N, K) or ("?",))[0]
             print(f"{N}x{K:<7d} {M:2d} {bf16 * 1e3:8.1f} {res['gemv'] * 1e3:8.1f} "
                   f"{res['dot'] * 1e3:8.1f}  {bf16 / res['gemv']:8.2f}x {bf16 / res['dot']:7.2f}x"
-                  f"  {win}")
+                  f"  {win:5s} rel.diff {err:.1e}  gemv tile {tile}")
         reps = w = packed = state = None
         torch.cuda.empty_cache()
 
