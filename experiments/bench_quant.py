@@ -126,13 +126,14 @@ def timed(fn: Callable[[int], object], cuda: bool, reps: int):
     are written back during the first call, is shared by ``reps`` calls instead of charged to
     one. On CUDA the unit is captured once into a CUDA graph and its replays are timed with
     do_bench: no method's host-side launch overhead leaks into the GPU time. Methods that cannot
-    be captured run eagerly."""
+    be captured run eagerly (``rotated``)."""
+    if not cuda:
+        return rotated(fn, reps, cuda), "cpu"
+
     def unit():
         for r in range(reps):
             fn(r)
 
-    if not cuda:
-        return timer(unit, cuda) / reps, "cpu"
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -148,7 +149,7 @@ def timed(fn: Callable[[int], object], cuda: bool, reps: int):
         return ms, "graph"
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly
         torch.cuda.synchronize()
-        return timer(unit, cuda) / reps, "eager"
+        return rotated(fn, reps, cuda), "eager"
 
 
 def nbytes(*tensors) -> int:
@@ -216,9 +217,9 @@ def bench_shape(shape, device, cuda, bf, rows, checks, ops):
             add("dequant", qt, dq, "bitsandbytes", bnb_ms, moved, graph=bnb_graph)
             del b_reps
         ms = rotated(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), R_q, cuda)
-        add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms,
-            graph=timed(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), cuda, R_q),
-            bnb_graph=bnb_graph)
+        graph = timed(lambda r: ops["dequantize"](*reps[r], torch.bfloat16), cuda, R_q) \
+            if cuda else None  # graph columns only on CUDA: the CPU would time the same again
+        add("dequant", qt, dq, "peftlab", ms, moved, bnb_ms, graph=graph, bnb_graph=bnb_graph)
         reps = None
         if dq:  # quantization, with double quant as QLoRA uses it
             qmoved = 2 * n + nbytes(packed) + state_bytes(state)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import timed  # noqa: E402
-from bench_quant import nbytes, replicas  # noqa: E402
+from bench_quant import nbytes, replicas, timed  # noqa: E402
 from peftlab.kernels import matmul4bit as mm  # noqa: E402
 from peftlab.quant import quantize_4bit  # noqa: E402
 

@@ -22,13 +22,14 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ``4 (k ^ 1)``), a gather per weight from the 16-entry float32 table (L1), the block's absmax
   per word (L1 hits within a block), one 16-byte store per word for 16-bit outputs. ``tile1``
   hints one word per thread (``tl.max_contiguous``): the load layout is the store layout, no
-  conversion through shared memory; it won every key on the H200 (3.9 TB/s on 28672x8192).
+  conversion through shared memory; on the H200 the tuner picked it on both shapes probed
+  (3.9 TB/s on 28672x8192, 3.0 on 4096x14336: ``experiments/results/logs/h200_quant_probe.log``).
   Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype. (Until
   session 12 the word variants decoded with ``decode4bit.decode8`` and assembled the outputs
   with ``tl.join``; their layouts cost a shared-memory round trip or several rows per thread,
   1.3 TB/s: ``experiments/results/h200_kernels.md``.)
-* Double-quantized absmax is decoded in-kernel per tile row (``_block_absmax``, shared with
-  the fused matmul in ``matmul4bit_kernels.py``):
+* Double-quantized absmax is decoded in-kernel per tile row (``bytes``) or per word (``tile``)
+  (``_block_absmax``, shared with the fused matmul in ``matmul4bit_kernels.py``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
   multiply and add round separately, as in the PyTorch reference).
 * Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``.
@@ -332,7 +333,8 @@ def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK
 
 
 # ---- tuner --------------------------------------------------------------------------------
-# (elements, warps); on the H200 (Triton 3.6) 2048-4096 x 4 won every key
+# (elements, warps); on the H200 (Triton 3.6) 2048-4096 x 4 won all but one key timed (8192 x 8:
+# bytes dequantize of 4096x4096 without double quant, logs/h200_bench_quant_s12.log)
 _SIZES = ((2048, 4), (4096, 4), (8192, 8))
 _TUNE_MIN = 1 << 20  # smaller tensors take the first eligible candidate, untimed
 
@@ -350,8 +352,10 @@ _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=T
                                        ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
                                        ("bytes_tree", _q4_launch, dict(PACK=0, CELLS=False))]))
 _TUNERS = {"dequant": _dequant4, "quant": _quant4}
-_ALL = ("words", "words1", "bytes", "bytes_tree", "tile", "tile1")  # quant: words*, bytes*
+# eligibility by alignment; each op only ever picks among its own candidates (``_VARIANTS``)
+_ALL = ("words", "words1", "bytes", "bytes_tree", "tile", "tile1")
 _BYTES = ("bytes", "bytes_tree")  # any n
+_VARIANTS = {op: tuple(dict.fromkeys(c.variant for c in t.candidates)) for op, t in _TUNERS.items()}
 
 
 def last_choice(op: str) -> Optional[str]:
@@ -369,8 +373,10 @@ def tuner_choices() -> Dict[str, Dict[tuple, str]]:
 def forced_variant(op: str, variant: str, elems: Optional[int] = None,
                    num_warps: Optional[int] = None):
     """Run ``op`` with ``variant`` (where eligible; else the first eligible, untimed)."""
-    if variant not in _ALL:
-        raise ValueError(f"unknown 4-bit kernel variant {variant!r}; one of {_ALL}")
+    if op not in _TUNERS:
+        raise ValueError(f"unknown 4-bit kernel op {op!r}; one of {tuple(_TUNERS)}")
+    if variant not in _VARIANTS[op]:
+        raise ValueError(f"unknown 4-bit {op} kernel variant {variant!r}; one of {_VARIANTS[op]}")
     tuner = _TUNERS[op]
     saved, tuner.force = tuner.force, (variant, elems, num_warps)
     try:

@@ -92,9 +92,12 @@ def test_frozen_weight_and_bias_get_no_gradient():
     # hidden frozen, head trainable: only the head's gradients
     h2 = h.detach()
     w.requires_grad_(True)
+    ref_w = _grads(F.cross_entropy(F.linear(h2, w, b), y, reduction="sum"), (w,))[0] / 0.37
+    w.grad = None
     loss, _ = linear_cross_entropy(h2, w, y, b, chunk_rows=4)
     loss.backward()
-    assert w.grad is not None and w.grad.any() and b.grad is None
+    assert b.grad is None
+    _close(w.grad, ref_w, 1e-10)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -156,6 +159,20 @@ def test_bf16_autocast_matches_the_autocast_logits_path(device):
         _close(got, want, 1e-2)
     exact = _grads(F.cross_entropy(F.linear(h, w, b), y, reduction="sum"), (h,))[0]
     assert float((got_g[0] - exact).abs().max()) > 0  # it really ran in bf16
+
+
+def test_bf16_inputs_without_autocast():
+    """A bf16 model outside autocast: bf16 GEMMs, float32 softmax and loss, bf16 gradients."""
+    h, w, b, y = (t.detach().to(torch.bfloat16).requires_grad_() if t.is_floating_point() else t
+                  for t in _inputs(torch.float32))
+    ref = F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
+    ref_g = _grads(ref, (h, w, b))
+    loss, _ = linear_cross_entropy(h, w, y, b, chunk_rows=4)
+    assert loss.dtype == torch.float32
+    _close(loss.detach(), ref.detach(), 1e-5)  # the same bf16 logits, float32 softmax
+    for got, want in zip(_grads(loss, (h, w, b)), ref_g):
+        assert got.dtype == torch.bfloat16
+        _close(got, want, 2e-2)
 
 
 # --- causal_lm_loss_sum on peftlab models ---------------------------------------------------------
@@ -265,6 +282,28 @@ def test_other_models_fall_back_to_the_logits():
     hooked = _tiny()
     hooked.lm_head.register_forward_hook(lambda m, i, o: o * 2)
     assert output_head(hooked) is None
+    # every hook the fused path would skip, or feed hidden states instead of logits
+    for register in (lambda m: m.lm_head.register_full_backward_hook(lambda *a: None),
+                     lambda m: m.register_forward_hook(lambda mod, i, o: o.clamp(max=3.0)),
+                     lambda m: m.register_full_backward_hook(lambda *a: None)):
+        model = _tiny()
+        assert output_head(model) is not None
+        handle = register(model)
+        assert output_head(model) is None
+        handle.remove()
+        assert output_head(model) is not None
+    prompt = get_peft_model(_tiny(), PromptTuningConfig(num_virtual_tokens=3))
+    with prompt.register_forward_hook(lambda mod, i, o: o):
+        assert output_head(prompt) is None
+    assert output_head(prompt) is not None
+    clamped = _tiny()
+    clamped.register_forward_hook(lambda mod, i, o: o.clamp(max=0.05))  # acts on the logits
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    _close(causal_lm_loss_sum(clamped, ids, ids)[0].detach(), token_loss_sum(clamped(ids), ids)[0].detach(), 1e-6)
+    from torch.nn.modules.module import register_module_forward_hook
+
+    with register_module_forward_hook(lambda mod, i, o: None):
+        assert output_head(_tiny()) is None
 
 
 def test_ddp_uses_a_frozen_head_only_and_fsdp_falls_back(tmp_path):

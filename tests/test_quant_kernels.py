@@ -69,7 +69,7 @@ CASES = [  # (quant_type, double_quant, dtype, shape, blocksize, nested_rounding
     ("fp4", False, torch.float16, (17, 96), 256, "nearest"),
     ("fp4", True, torch.float32, (5, 777), 1024, "lut"),
     ("fp4", False, torch.bfloat16, (2, 2048), 2048, "nearest"),
-    ("nf4", True, torch.bfloat16, (300, 64), 512, "nearest"),     # > 256 blocks: 2 nested blocks
+    ("nf4", True, torch.bfloat16, (300, 64), 512, "nearest"),     # 38 blocks, one nested block
 ]
 
 
@@ -221,6 +221,8 @@ VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 
     ("fp4", True, torch.bfloat16, (150, 64), 256),      # 38 blocks; nested
     ("nf4", True, torch.float32, (2, 2047), 128),       # n % 8 == 6: bytes both ways
     ("fp4", True, torch.float16, (1, 2047), 64),        # n % 8 == 7: words quant, bytes dequant
+    ("nf4", True, torch.bfloat16, (25, 400), 32),       # 313 blocks (> 256): 2 nested blocks
+    ("fp4", True, torch.float32, (6, 1000), 1024),      # ragged last block (6000 % 1024 = 880)
 ]
 
 
@@ -366,9 +368,11 @@ def test_tuner_keeps_the_fastest_eligible_candidate_and_skips_failures():
     times[("bytes", 1)] = times[("bytes", 2)] = None
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every candidate"):
         tuner.pick("k5", ("words", "bytes"), time_fn)
-    with pytest.raises(ValueError, match="unknown"):
-        with forced_variant("dequant", "nibbles"):
-            pass
+    for op, variant in (("dequant", "nibbles"), ("dequant", "words"), ("quant", "tile1"),
+                        ("requant", "bytes")):   # each op pins only its own variants
+        with pytest.raises(ValueError, match="unknown 4-bit"):
+            with forced_variant(op, variant):
+                pass
 
 
 def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):

@@ -219,6 +219,19 @@ def _is_fsdp(m: nn.Module) -> bool:
     return isinstance(m, FSDPModule)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling `m` runs module hooks (forward, forward-pre, backward, backward-pre)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (`register_module_forward_hook`, ...) are set."""
+    from torch.nn.modules import module as M
+
+    return any(getattr(M, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(weight, bias) of `model`'s output head if `causal_lm_loss_sum` may apply it itself, else None.
 
@@ -229,7 +242,9 @@ def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
       3. its `lm_head` is exactly an nn.Linear, or a modules_to_save wrapper whose active module is
          exactly an nn.Linear: a LoRA layer on the head, a 4-bit or dequantized head, or any other
          subclass falls back, since its forward is not just h Wᵀ + b;
-      4. the head has no forward hooks;
+      4. no module hooks that the fused path would skip or feed differently: none on the head or
+         its modules_to_save wrapper (the head module is never called), none on the models of the
+         chain (they would see hidden states instead of logits), no global module hooks;
       5. under DDP the head is frozen (DDP reduces the gradients of parameters used in its forward).
     """
     from torch.nn.parallel import DistributedDataParallel
@@ -238,10 +253,12 @@ def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
     from ..tuners.lora_layers import ModulesToSave
     from ..tuners.prompt import VirtualTokenModel
 
+    if _global_hooks():
+        return None
     ddp = False
     m = model
     while not isinstance(m, LlamaForCausalLM):
-        if _is_fsdp(m):
+        if _is_fsdp(m) or _hooked(m):
             return None
         if isinstance(m, DistributedDataParallel):
             ddp, m = True, m.module
@@ -250,13 +267,13 @@ def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
         else:
             return None
     head = getattr(m, "lm_head", None)
-    if _is_fsdp(m) or head is None:
+    if _is_fsdp(m) or _hooked(m) or head is None:
         return None
     if isinstance(head, ModulesToSave):
-        if head._forward_hooks or head._forward_pre_hooks:
+        if _hooked(head):
             return None
         head = head.module
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+    if type(head) is not nn.Linear or _hooked(head):
         return None
     params = [p for p in (head.weight, head.bias) if p is not None]
     if any(hasattr(p, "to_local") for p in params):
