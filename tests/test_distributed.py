@@ -81,9 +81,10 @@ def runs(request, base_dir, tmp_path_factory):
     for name, kw in REFERENCES.items():
         cfg = load_train_config(base=_config(base_dir, root / f"ref-{name}", device, batch_size=4, **kw))
         with pytest.MonkeyPatch.context() as mp:
-            # FSDP takes the logits loss path (linear_ce.output_head); the full reference, whose head trains,
-            # takes it too (the same ∂L/∂W summation); the LoRA references (frozen head) keep the fused path
-            if name == "full":
+            # FSDP takes the logits loss path (linear_ce.output_head); the references of FSDP-only scenarios
+            # ("full", "qlora") take it too, so that both sides sum the same float32 terms; the "lora" reference
+            # (shared with DDP, whose frozen head is fused) keeps the fused path
+            if name in ("full", "qlora"):
                 mp.setattr("peftlab.train.linear_ce.output_head", lambda model: None)
             res = train(cfg, log=lambda *a: None)
         export_final(res, cfg)

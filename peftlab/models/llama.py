@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from .fused_ops import apply_rotary, rms_norm, swiglu
 
 
 # The parameters each supported rope_scaling type needs ("default" is no scaling).
@@ -117,7 +118,8 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """y = g ⊙ x / sqrt(mean(x²) + eps), computed in float32 and cast back (as HF does)."""
+    """y = g ⊙ x / sqrt(mean(x²) + eps); a 16-bit x is normalised in float32 and cast back before
+    the weight (as HF does), float32/float64 run as one autograd node (fused_ops.rms_norm)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -125,10 +127,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -156,12 +155,6 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv = torch.where(medium, blended, scaled)
     return inv
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by angle pos·θ_i: x·cos + rotate_half(x)·sin. x: [B, h, T, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def project(x: torch.Tensor, layers) -> List[torch.Tensor]:
@@ -246,7 +239,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: W_down (silu(W_gate x) ⊙ W_up x)."""
+    """SwiGLU: W_down (silu(W_gate x) ⊙ W_up x), the product through fused_ops.swiglu."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -257,7 +250,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

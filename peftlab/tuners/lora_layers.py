@@ -185,8 +185,8 @@ class _LoraGroupFn(torch.autograd.Function):
                 gx = torch.mm(g, w) if gx is None else gx.addmm_(g, w)
             if u is not None:
                 u[:, cols].addmm_(g, B[i], alpha=s)
-            if need_B[i]:
-                gB[i] = torch.mm(g.t(), xa[:, cols]).mul_(s)
+            if need_B[i]:  # (xa_iᵀ g_i)ᵀ, not g_iᵀ xa_i: same value, half the time on the CPU (2048 rows)
+                gB[i] = torch.mm(xa[:, cols].t(), g).t().mul_(s)
         if u is not None:
             gA_cat = torch.mm(u.t(), x)
             # a layer whose output took no part in the loss gets None, as autograd gives it
