@@ -32,6 +32,9 @@ def adapter_grads(layers):
     return [p.grad for m in layers for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
 
 
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", [
     [(7, 2, 4.0)],                                  # one layer (o_proj, down_proj)
@@ -39,11 +42,12 @@ def adapter_grads(layers):
     [(9, 4, 8.0), (9, 4, 8.0)],                    # gate/up
 ])
 @pytest.mark.parametrize("bias", [False, True])
-def test_group_equals_plain_layers(monkeypatch, device, spec, bias):
-    layers = [lora_linear(10, o, r, a, bias=bias, seed=i, device=device) for i, (o, r, a) in enumerate(spec)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_equals_plain_layers(monkeypatch, device, spec, bias, dtype):
+    layers = [lora_linear(10, o, r, a, bias=bias, seed=i, device=device).to(dtype) for i, (o, r, a) in enumerate(spec)]
     g = torch.Generator().manual_seed(5)
-    x0 = torch.randn(3, 4, 10, generator=g).to(device)
-    grads_out = [torch.randn(3, 4, o, generator=g).to(device) for o, _, _ in spec]
+    x0 = torch.randn(3, 4, 10, generator=g, dtype=dtype).to(device)
+    grads_out = [torch.randn(3, 4, o, generator=g, dtype=dtype).to(device) for o, _, _ in spec]
     results = []
     for fast in (True, False):
         for m in layers:
@@ -62,16 +66,92 @@ def test_group_equals_plain_layers(monkeypatch, device, spec, bias):
         loss.backward()
         results.append(([y.detach() for y in ys], x.grad, adapter_grads(layers)))
     (ys_f, gx_f, ga_f), (ys_p, gx_p, ga_p) = results
+    tol = TOL[dtype]
     for a, b in zip(ys_f, ys_p):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gx_f, gx_p, rtol=1e-5, atol=1e-5)
+        assert a.shape == b.shape and a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(gx_f, gx_p, **tol)
     for a, b in zip(ga_f[:-2], ga_p[:-2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, **tol)
     if len(spec) > 1:  # the unused layer's adapters get no gradient (None, not zeros: AdamW skips them)
         assert ga_f[-2:] == [None, None] and ga_p[-2:] == [None, None]
     else:
-        torch.testing.assert_close(ga_f[-2:], ga_p[-2:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga_f[-2:], ga_p[-2:], **tol)
+
+
+def _fast_and_plain(monkeypatch, layers, x0, loss_fn):
+    """(outputs, dL/dx, adapter grads) through the fast path and the plain path, same loss_fn(ys)."""
+    results = []
+    for fast in (True, False):
+        for m in layers:
+            m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with monkeypatch.context() as mp:
+            if fast:
+                assert LL._fast_adapter(layers, x) == "default"
+            else:
+                plain(mp)
+            ys = lora_forward_group(layers, x) if fast else [m(x) for m in layers]
+            loss_fn(ys).backward()
+        results.append(([y.detach().clone() for y in ys], x.grad, adapter_grads(layers)))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frozen", [
+    ("A0",), ("B1",), ("A0", "B2"), ("B0", "B1", "B2"),   # the last: no xa columns in the forward GEMM
+    ("A0", "A1", "A2"), ("A0", "A1", "A2", "B0", "B1", "B2")])
+def test_group_with_some_adapters_frozen(monkeypatch, dtype, frozen):
+    layers = [lora_linear(10, o, r, a, bias=i == 1, seed=i).to(dtype)
+              for i, (o, r, a) in enumerate([(12, 2, 4.0), (6, 3, 3.0), (6, 1, 0.5)])]
+    for f in frozen:
+        m = layers[int(f[1])]
+        (m.lora_A if f[0] == "A" else m.lora_B)["default"].weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 8, 10, generator=g, dtype=dtype)
+    w = [torch.randn(2, 8, o, generator=g, dtype=dtype) for o in (12, 6, 6)]
+    (ys_f, gx_f, ga_f), (ys_p, gx_p, ga_p) = _fast_and_plain(
+        monkeypatch, layers, x0, lambda ys: sum((y * wi).sum() for y, wi in zip(ys, w)))
+    tol = TOL[dtype]
+    torch.testing.assert_close(ys_f, ys_p, **tol)
+    torch.testing.assert_close(gx_f, gx_p, **tol)
+    for name, a, b in zip([f"{k}{i}" for i in range(3) for k in "AB"], ga_f, ga_p):
+        assert (a is None) == (b is None) == (name in frozen)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_outputs_may_be_modified_in_place(monkeypatch, n):
+    """The outputs are columns of one GEMM result; in-place ops on them (h += residual) must work
+    and give the gradients of the plain path."""
+    layers = [lora_linear(10, 6 + i, 2, 4.0, seed=i) for i in range(n)]
+    x0 = torch.randn(16, 10, generator=torch.Generator().manual_seed(4))
+
+    def loss(ys):
+        ys[0].mul_(3.0).add_(1.0)
+        return sum((y * y).sum() for y in ys)
+
+    (ys_f, gx_f, ga_f), (ys_p, gx_p, ga_p) = _fast_and_plain(monkeypatch, layers, x0, loss)
+    torch.testing.assert_close(ys_f, ys_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga_f, ga_p, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoding_rows_take_the_plain_path_with_the_same_values(dtype):
+    """Rows below the gate (token-by-token decoding) are refused and computed by the plain path;
+    the values agree with the fast path on the same rows taken as one prefill batch."""
+    layers = [lora_linear(32, o, 4, 8.0, seed=i).to(dtype) for i, o in enumerate((48, 16))]
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    with torch.no_grad():
+        prefill = lora_forward_group(layers, x)
+        assert prefill is not None
+        for t in range(x.shape[1]):
+            step = x[:, t:t + 1]                               # 4 rows; in·out / (in + out) > 4
+            assert lora_forward_group(layers, step) is None
+            for m, y in zip(layers, prefill):
+                torch.testing.assert_close(m(step), y[:, t:t + 1], **TOL[dtype])
 
 
 def test_no_grad_forward_and_frozen_adapter():
@@ -82,6 +162,7 @@ def test_no_grad_forward_and_frozen_adapter():
     for m, y in zip(layers, ys):
         ref = m.base_layer(x) + m.scaling["default"] * m.lora_B["default"](m.lora_A["default"](x))
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert all(y.is_contiguous() for y in ys)  # no x Aᵀ columns formed for a backward that won't run
     layers[0].lora_A["default"].weight.requires_grad_(False)
     ys = lora_forward_group(layers, x.requires_grad_())
     sum(y.sum() for y in ys).backward()

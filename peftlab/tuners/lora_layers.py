@@ -12,8 +12,10 @@ a frozen float32/float64 nn.Linear (no dropout in effect, no DoRA, nothing merge
 adapter, no hooks, enough rows of x; `_fast_adapter` lists the conditions), the forward is one GEMM with the adapted
 weight formed on the fly, h = x (W0 + s B A)ᵀ + b, inside one autograd node whose backward is
 written out (dL/dx = g (W0 + s B A), dL/dA = s (g B)ᵀ x, dL/dB = s gᵀ (x Aᵀ)). Layers that read
-the same input (q/k/v; gate/up: models/llama.py `project`) share the node, whose backward forms
-x Aᵀ and (g B)ᵀ x for all of them in one GEMM each and accumulates dL/dx in place. Parameters, state dicts and files are those of the plain layers; anything else takes
+the same input (q/k/v; gate/up: models/llama.py `project`) share the node:
+its forward appends [A_1; ..; A_n] to the last layer's adapted weight, so that one GEMM also yields
+the xa = x Aᵀ the backward needs, and its backward forms (g B)ᵀ x for all of them in one GEMM and
+accumulates dL/dx in place. Parameters, state dicts and files are those of the plain layers; anything else takes
 the plain path below. Measured on a 2-core CPU (the model and step of experiments/bench_lora.py:
 Llama d=256, 6 layers, 2048 tokens, r=8 on all linears), fast vs plain path interleaved: training
 step 649 vs 721 ms at 1 thread, 363 vs 411 ms at 2 threads (-10 %).
@@ -136,12 +138,26 @@ class _LoraGroupFn(torch.autograd.Function):
     The adapted weight W'_i = W_i + s_i B_i A_i [out_i, in] costs out_i · in · r_i multiply-adds to
     form, against N · in · out_i for the GEMM with x (N = 2048 tokens: 0.4 %), so each layer runs
     one GEMM, as the base layer alone would. W'_i is formed again in backward rather than kept.
+
+    Forward: the last layer's GEMM also yields xa = x [A_1; ..; A_n]ᵀ [N, R] (R = Σ r_i), which the
+    backward needs: [y_n | xa] = x [W'_n; A_1; ..; A_n]ᵀ + [b_n | 0], so the backward does not read
+    x again for it (R more columns in a GEMM where x is already in cache). y_n is returned as a
+    column view of that result, detached (a plain tensor to autograd, so in-place ops on it stay
+    allowed); xa is cloned (its own tensor and version counter) and saved. Only when grad mode is on
+    and some B_i needs a gradient; otherwise (inference) every output is a contiguous GEMM result.
+    Held memory grows by 2 N R (the clone and the xa columns kept with y_n; R = 24 against Σ out_i = 768 for
+    q/k/v at r = 8). Measured on experiments/bench_lora.py's step (old vs this forward interleaved,
+    2-core CPU, another job on the machine): -0.4..-1.4 % at 1 thread, -2..-3 % at 2 threads.
+    Not kept, measured no faster: all outputs as column views of ONE GEMM x [W'_1; ..; W'_n; A..]ᵀ
+    (-1 % at 1 thread, ±1 % at 2), xa from its own GEMM in the forward, and folding u_i = s_i g_i B_i into the backward's g_i W'_i
+    GEMM (zero-padded [W'_i | s_i B_i]).
+
     Backward, with g_i = dL/dy_i [N, out_i] and W_i, b_i frozen:
 
         dL/dx   = Σ_i g_i W'_i                                [N, in], accumulated in place
         u_i     = s_i g_i B_i,   u = [u_1 .. u_n]             [N, R], R = Σ r_i
         dL/dA_i = (uᵀ x) rows of adapter i                    [r_i, in]
-        dL/dB_i = s_i g_iᵀ xa_i,  xa = x [A_1; ..; A_n]ᵀ      [out_i, r_i]  (one GEMM for all i)
+        dL/dB_i = s_i g_iᵀ xa_i,  xa = x [A_1; ..; A_n]ᵀ      [out_i, r_i]  (xa from the forward)
 
     The same value as x W_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ up to float32 rounding of W'_i (relative
     ~1e-7 of the output), hence only for float32/float64 weights: in 16-bit, W'_i would round the
@@ -150,31 +166,40 @@ class _LoraGroupFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, *tensors):
+    def forward(ctx, x, scalings, grad_mode, *tensors):
         n = len(scalings)
         W, b, A, B = (tensors[k * n:(k + 1) * n] for k in range(4))
-        ys = []
+        # needs_input_grad holds requires_grad even under no_grad: grad_mode is the caller's mode
+        rank = sum(a.shape[0] for a in A) if grad_mode and any(ctx.needs_input_grad[3 + 3 * n:]) else 0
+        ys, xa = [], None
         for i in range(n):
             w = torch.addmm(W[i], B[i], A[i], alpha=scalings[i])
-            ys.append(torch.mm(x, w.t()) if b[i] is None else torch.addmm(b[i], x, w.t()))
+            if i == n - 1 and rank:  # x [W'_n; A_1; ..; A_n]ᵀ: y_n and xa from one GEMM
+                out = w.shape[0]
+                w = torch.cat((w, *A))
+                bias = None if b[i] is None else torch.cat((b[i], b[i].new_zeros(rank)))
+                y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+                xa = y[:, out:].clone()  # its own tensor: the outputs may be modified in place
+                ys.append(y[:, :out].detach())  # detached: to autograd not a view, in-place ops allowed
+            else:
+                ys.append(torch.mm(x, w.t()) if b[i] is None else torch.addmm(b[i], x, w.t()))
         ctx.scalings = scalings
         ctx.set_materialize_grads(False)  # an output unused by the loss comes back as None
-        ctx.save_for_backward(x, *W, *A, *B)
+        ctx.save_for_backward(x, xa, *W, *A, *B)
         return tuple(ys)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        x, *WAB = ctx.saved_tensors
+        x, xa, *WAB = ctx.saved_tensors
         scalings, n = ctx.scalings, len(ctx.scalings)
         W, A, B = WAB[:n], WAB[n:2 * n], WAB[2 * n:]
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[2 + 2 * n:2 + 3 * n], \
-            ctx.needs_input_grad[2 + 3 * n:]
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3 + 2 * n:3 + 3 * n], \
+            ctx.needs_input_grad[3 + 3 * n:]
         offs = [0]
         for a in A:
             offs.append(offs[-1] + a.shape[0])
         u = x.new_zeros(x.shape[0], offs[-1]) if any(need_A) else None
-        xa = torch.mm(x, torch.cat(A).t()) if any(need_B) else None
         gx, gA, gB = None, [None] * n, [None] * n
         for i, g in enumerate(grads):
             if g is None:
@@ -192,7 +217,7 @@ class _LoraGroupFn(torch.autograd.Function):
             # a layer whose output took no part in the loss gets None, as autograd gives it
             gA = [gA_cat[offs[i]:offs[i + 1]] if need_A[i] and grads[i] is not None else None
                   for i in range(n)]
-        return (gx, None, *[None] * (2 * n), *gA, *gB)
+        return (gx, None, None, *[None] * (2 * n), *gA, *gB)
 
 
 def _fast_adapter(layers, x: torch.Tensor) -> Optional[str]:
@@ -249,7 +274,8 @@ def lora_forward_group(layers, x: torch.Tensor) -> Optional[List[torch.Tensor]]:
         return None
     lead = x.shape[:-1]
     ys = _LoraGroupFn.apply(x.reshape(-1, x.shape[-1]), tuple(m.scaling[a] for m in layers),
-                            *(m.base_layer.weight for m in layers), *(m.base_layer.bias for m in layers),
+                            torch.is_grad_enabled(), *(m.base_layer.weight for m in layers),
+                            *(m.base_layer.bias for m in layers),
                             *(m.lora_A[a].weight for m in layers), *(m.lora_B[a].weight for m in layers))
     return [y.view(*lead, y.shape[-1]) for y in ys]
 
