@@ -22,8 +22,9 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ``4 (k ^ 1)``), a gather per weight from the 16-entry float32 table (L1), the block's absmax
   per word (L1 hits within a block), one 16-byte store per word for 16-bit outputs. ``tile1``
   hints one word per thread (``tl.max_contiguous``): the load layout is the store layout, no
-  conversion through shared memory; on the H200 the tuner picked it on both shapes probed
-  (3.9 TB/s on 28672x8192, 3.0 on 4096x14336: ``experiments/results/logs/h200_quant_probe.log``).
+  conversion through shared memory; on the H200 the tuner picked it for every bf16 key of
+  ``experiments/bench_quant.py`` (3.55-3.93 TB/s as CUDA-graph replays on 4096x14336 ..
+  28672x8192: ``experiments/results/logs/h200_bench_quant.log``).
   Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype. (Until
   session 12 the word variants decoded with ``decode4bit.decode8`` and assembled the outputs
   with ``tl.join``; their layouts cost a shared-memory round trip or several rows per thread,
