@@ -4,7 +4,8 @@
 #      then prints a table and writes CSV/PNG under experiments/results/);
 #   2. the kernel test files on CUDA (bit-exactness, fused matmul accuracy, paged AdamW
 #      trajectories, Linear4bit/QLoRA on CUDA), as parallel pytest processes (par_pytest.sh);
-#   3. the small-M matmul probe (gemv_probe.py: stripped kernels, PTX) and a QLoRA GPU smoke run.
+#   3. a QLoRA GPU smoke run; diagnostics only when named in ONLY: probe (gemv_probe.py),
+#      gemv_vs_dot, adamw_probe, quant_probe (dequantize's traffic ceiling, quantize's host cost).
 # Usage on the GPU machine: bash experiments/gpu_check.sh [results_dir]
 # Each step has its own time limit, so one slow step cannot starve the others; every step's
 # output goes to results_dir/gpu_check_<step>.log.

@@ -140,7 +140,7 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
 
 @triton.jit
 def _dequant4t_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                      out_ptr, nwords, nblocks,
+                      out_ptr, nwords,
                       BS: tl.constexpr, BS2: tl.constexpr, WORDS: tl.constexpr,
                       NESTED: tl.constexpr, OUT: tl.constexpr, RNE_BITS: tl.constexpr,
                       ONE_WORD: tl.constexpr):
@@ -320,7 +320,7 @@ def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
     nwords = n // 8                                              # eligible: n % 8 == 0
     words = ELEMS // 8
     _dequant4t_kernel[(triton.cdiv(nwords, words),)](
-        packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords, nblocks,
+        packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords,
         BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
         ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
 

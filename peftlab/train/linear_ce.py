@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..errors import DataError
+from ..modhooks import global_module_hooks, has_module_hooks
 
 CPU_CHUNK_ELEMENTS = 1 << 19   # C·V floats per chunk on the CPU: 2 MB of float32, about one L2
 CUDA_CHUNK_ELEMENTS = 1 << 25  # 128 MB of float32: large GEMMs, memory bounded regardless of N
@@ -219,19 +220,6 @@ def _is_fsdp(m: nn.Module) -> bool:
     return isinstance(m, FSDPModule)
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Whether calling `m` runs module hooks (forward, forward-pre, backward, backward-pre)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    """Whether hooks registered for every module (`register_module_forward_hook`, ...) are set."""
-    from torch.nn.modules import module as M
-
-    return any(getattr(M, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
-
-
 def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(weight, bias) of `model`'s output head if `causal_lm_loss_sum` may apply it itself, else None.
 
@@ -253,12 +241,12 @@ def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
     from ..tuners.lora_layers import ModulesToSave
     from ..tuners.prompt import VirtualTokenModel
 
-    if _global_hooks():
+    if global_module_hooks():
         return None
     ddp = False
     m = model
     while not isinstance(m, LlamaForCausalLM):
-        if _is_fsdp(m) or _hooked(m):
+        if _is_fsdp(m) or has_module_hooks(m):
             return None
         if isinstance(m, DistributedDataParallel):
             ddp, m = True, m.module
@@ -267,13 +255,13 @@ def output_head(model: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
         else:
             return None
     head = getattr(m, "lm_head", None)
-    if _is_fsdp(m) or _hooked(m) or head is None:
+    if _is_fsdp(m) or has_module_hooks(m) or head is None:
         return None
     if isinstance(head, ModulesToSave):
-        if _hooked(head):
+        if has_module_hooks(head):
             return None
         head = head.module
-    if type(head) is not nn.Linear or _hooked(head):
+    if type(head) is not nn.Linear or has_module_hooks(head):
         return None
     params = [p for p in (head.weight, head.bias) if p is not None]
     if any(hasattr(p, "to_local") for p in params):

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..errors import AdapterError, ConfigError
+from ..modhooks import global_module_hooks, has_module_hooks
 from .lora_config import LoraConfig
 
 
@@ -231,11 +232,8 @@ def _fast_adapter(layers, x: torch.Tensor) -> Optional[str]:
     while it saves the plain path's two thin GEMMs, N·r·(in + out). So it needs
     N·(in + out) >= in·out (N >= in/2 for a square layer): training and prefill batches, not
     token-by-token decoding, where W' would cost up to r times the layer's own GEMM."""
-    from torch.nn.modules import module as M
-
     if (type(x) is not torch.Tensor or x.dim() < 2 or torch.is_autocast_enabled(x.device.type)
-            or M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks
-            or M._global_backward_pre_hooks):
+            or global_module_hooks()):
         return None
     name = None
     rows = x.numel() // max(1, x.shape[-1])
@@ -252,9 +250,8 @@ def _fast_adapter(layers, x: torch.Tensor) -> Optional[str]:
         no_drop = isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (not drop.training or drop.p == 0))
         if not no_drop:
             return None
-        for mod in (m, base, m.lora_A[a], m.lora_B[a], drop):
-            if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
-                return None
+        if any(has_module_hooks(mod) for mod in (m, base, m.lora_A[a], m.lora_B[a], drop)):
+            return None
         frozen = (base.weight,) + (() if base.bias is None else (base.bias,))
         if any(p.requires_grad for p in frozen) or m.lora_A[a].bias is not None or m.lora_B[a].bias is not None:
             return None
