@@ -38,7 +38,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quant import nbytes, replicas, rotated  # noqa: E402
+from bench_quant import nbytes, replicas, rotated, timed  # noqa: E402
 
 
 @triton.jit
@@ -109,12 +109,12 @@ def ceilings(shape) -> None:
     assert float(ref.view(-1)[0]) == float(first), "nibbles kernel: wrong output order"
     moved = nbytes(packed) + n * 2 + state.absmax.numel()
     st = [(packed, state)] + [(packed.clone(), state) for _ in range(R - 1)]
-    add("dequant (ours, nf4+dq)", rotated(lambda r: dequantize_4bit(*st[r], torch.bfloat16), R, True),
-        moved)
+    add("dequant (ours, nf4+dq, graph)",
+        timed(lambda r: dequantize_4bit(*st[r], torch.bfloat16), True, R)[0], moved)
     rows[-1] = (rows[-1][0] + " -> " + q4.last_choice("dequant"),) + rows[-1][1:]
     for c in q4._dequant4.candidates:  # every candidate, forced
         with q4.forced_variant("dequant", c.variant, c.elems, c.num_warps):
-            ms = rotated(lambda r: dequantize_4bit(*st[r], torch.bfloat16), R, True)
+            ms = timed(lambda r: dequantize_4bit(*st[r], torch.bfloat16), True, R)[0]
             if q4.last_choice("dequant") == c.describe():  # (skip the ineligible)
                 add("  " + c.describe(), ms, moved)
     print(f"\n{shape[0]}x{shape[1]}  ({n / 1e6:.1f}M weights, {R} replicas)")
@@ -161,8 +161,126 @@ def quantize_host(shape) -> None:
     print("\n".join(line for line in s.getvalue().splitlines()[6:] if line.strip()))
 
 
+def quant_kernels(shape) -> None:
+    """Every quantize candidate's kernel alone, as CUDA-graph replays (no host time): reads 2n
+    bytes of bf16, writes n/2 packed bytes and n/16 bytes of absmax."""
+    import peftlab.kernels.quant4bit as q4
+
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    n = w.numel()
+    nblocks = n // 64
+    R = replicas(2 * n, True)
+    xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
+    absmax = torch.empty(nblocks, dtype=torch.float32, device="cuda")
+    tables = q4._tables("nf4", w.device)
+    codes = (q4._code_on("nf4", w.device), torch.empty(16, device="cuda"))
+    moved = 2 * n + n // 2 + 4 * nblocks
+    print(f"\nquantize kernels {shape[0]}x{shape[1]} (graph replays, {R} replicas)")
+    for c in q4._quant4.candidates:
+        def fn(r, c=c):
+            q4._quant4._run(c, None, (xs[r], packed, absmax, tables, codes, n, nblocks),
+                            dict(BS=64, HAS_ORDER=False))
+        ms, how = timed(fn, True, R)
+        print(f"  {c.describe():32s} {ms * 1e3:8.1f} us  {moved / (ms * 1e-3) / 1e12:5.2f} TB/s ({how})")
+
+
+def quantize_steps(shape, calls: int = 300) -> None:
+    """Host time of each step of ``quantize_4bit`` (perf_counter around the module's callees, no
+    extra syncs; the finite check's read-back is the one sync and waits for the kernels)."""
+    import peftlab.kernels.quant4bit as q4
+    from peftlab.quant import quantize_4bit
+
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    spent = {}
+
+    def timing(name, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapped
+
+    names = ("check_quantize_args", "_quant4", "build_state", "_quant8_minus_offset",
+             "check_finite_absmax")
+    saved = {k: getattr(q4, k) for k in names}
+    for k in names:
+        setattr(q4, k, timing(k, saved[k]))
+    try:
+        for _ in range(20):
+            quantize_4bit(w, 64, "nf4", True)
+        torch.cuda.synchronize()
+        spent.clear()
+        t = time.perf_counter()
+        for _ in range(calls):
+            quantize_4bit(w, 64, "nf4", True)
+        total = time.perf_counter() - t
+    finally:
+        for k in names:
+            setattr(q4, k, saved[k])
+    us = lambda v: v / calls * 1e6  # noqa: E731
+    parts = ", ".join(f"{k} {us(v):.1f}" for k, v in spent.items())
+    print(f"\nquantize_4bit {shape[0]}x{shape[1]} host steps (us per call): total {us(total):.1f}; "
+          f"{parts}")
+    x = torch.empty(4096, device="cuda")
+    small = torch.randn(16, device="cuda")
+    for what, fn in (("torch.empty", lambda: torch.empty(4096, device="cuda")),
+                     ("clone 16", lambda: small.clone()), ("mean 4096", lambda: x.mean()),
+                     ("_quant8 4096", lambda: q4._quant8(x, q4._code_on("dynamic", x.device), None,
+                                                          256, "nearest", small))):
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        print(f"  {what:14s} {(time.perf_counter() - t) / calls * 1e6:6.1f} us per call (host)")
+        torch.cuda.synchronize()
+
+
+def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
+    """Host time per call of quantize_4bit and dequantize_4bit through the cached launch path
+    (kernels/launch.py) and through Triton's JIT launch (PEFTLAB_FAST_LAUNCH=0), interleaved."""
+    import os
+
+    from peftlab.quant import dequantize_4bit, quantize_4bit
+
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    packed, state = quantize_4bit(w, 64, "nf4", True)
+    res = {}
+    for rnd in range(3):
+        for mode in ("1", "0"):
+            os.environ["PEFTLAB_FAST_LAUNCH"] = mode
+            for name, fn in (("quantize_4bit", lambda: quantize_4bit(w, 64, "nf4", True)),
+                             ("dequantize_4bit", lambda: dequantize_4bit(packed, state))):
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                dt = (time.perf_counter() - t) / calls * 1e6
+                torch.cuda.synchronize()
+                res.setdefault((name, mode), []).append(dt)
+    os.environ["PEFTLAB_FAST_LAUNCH"] = "1"
+    print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of {calls}):")
+    for name in ("quantize_4bit", "dequantize_4bit"):
+        fast, jit = (sorted(res[(name, m)])[1] for m in ("1", "0"))
+        print(f"  {name:16s} cached launch {fast:6.1f}   Triton JIT launch {jit:6.1f}")
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    launch_paths()
+    for shape in ((4096, 14336), (28672, 8192)):
+        quant_kernels(shape)
+    for shape in ((1024, 4096), (4096, 14336)):
+        quantize_steps(shape)
+    if "--quant-only" in sys.argv:
+        return
     for shape in ((4096, 14336), (28672, 8192)):
         ceilings(shape)
     for shape in ((4096, 4096), (4096, 14336)):

@@ -33,7 +33,9 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   (``_block_absmax``, shared with the fused matmul in ``matmul4bit_kernels.py``):
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
   multiply and add round separately, as in the PyTorch reference).
-* Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``.
+* Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``. Only the
+  program holding the end of ``x`` loads with a per-element mask: such a mask splits every
+  16-byte load into 2-byte ones (``ld.global.b16`` in the PTX), so the others load unmasked.
   absmax: an integer row max over the bits of ``|x|`` (float ``tl.max`` skips NaN; this
   propagates it, as torch's amax does, so a NaN block fails the finite check). Normalisation
   by the correctly rounded reciprocal (``div_rn``; Triton's ``/`` is approximate on GPUs; the
@@ -58,10 +60,14 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   for double quantization, with the ``absmax - offset`` subtraction fused (same float32
   subtraction), and exposed for the 8-bit optimizer.
 
-``quantize_4bit_triton`` launches the 4-bit kernel, the mean, the fused 8-bit kernel and two
-table copies, then reads the mean back: absmax >= 0, so a finite mean proves every block
-finite; only a non-finite mean scans absmax for the offending block (the reference's error).
-Without double quantization it scans absmax (isfinite, any: the one sync).
+``quantize_4bit_triton`` launches the 4-bit kernel, the mean and the fused 8-bit kernel (their
+program 0 also copies the code tables into the new state's own tensors, instead of two clone
+launches), then reads the mean back: absmax >= 0, so a finite mean proves every block finite;
+only a non-finite mean scans absmax for the offending block (the reference's error). Without
+double quantization it scans absmax (isfinite, any: the one sync). On the H200's host a call
+costs about 190 us of CPU time (``experiments/quant_probe.py``), more than its kernels at
+4096x14336 (about 80 us), so every launch goes through ``launch.launch`` (Triton's kernel
+lookup cached: about 17 us less per quantize call, 6 us per dequantize call, measured).
 
 Tuner: on CUDA each direction times every eligible (variant, elements per program, warps)
 candidate once per (blocksize, size bucket, dtype, ...) key with ``do_bench`` and keeps the
@@ -97,10 +103,16 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
 from peftlab.quant.state import QuantState
 
 from .matmul4bit_kernels import _block_absmax
+from .launch import launch
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _COLS_MAX = 64   # packed bytes per byte-dequant tile row (128 outputs)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a constexpr function: slower to call)."""
+    return -(-a // b)
 
 
 @triton.jit
@@ -207,15 +219,19 @@ def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr, n, nunits,
-                   nblocks, BS: tl.constexpr, ROWS: tl.constexpr, HAS_ORDER: tl.constexpr,
-                   PACK: tl.constexpr, CELLS: tl.constexpr):
+def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr, code_ptr,
+                   code_out_ptr, n, nunits, nblocks, BS: tl.constexpr, ROWS: tl.constexpr,
+                   HAS_ORDER: tl.constexpr, PACK: tl.constexpr, CELLS: tl.constexpr):
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words; 2: words, one per thread.
     CELLS: code by the cell table (``_cell_table``), else by the select tree (``_nearest16``)."""
     pid = tl.program_id(0).to(tl.int64)
+    _copy_table(code_ptr, code_out_ptr, pid, 16)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
-    x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    if (pid + 1) * ROWS * BS > n:                                # only the end masks per element
+        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + idx).to(tl.float32)
     # |x| >= 0 orders like its int32 bits, and a NaN's bits exceed inf's: the integer max is
     # the float max that propagates NaN (as torch's amax), at no extra cost
     am = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
@@ -252,10 +268,20 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr,
 
 
 @triton.jit
-def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, offset_ptr, n, nblocks,
-                   BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr, LUT: tl.constexpr,
-                   HAS_OFFSET: tl.constexpr):
+def _copy_table(src_ptr, dst_ptr, pid, N: tl.constexpr):
+    """Program 0 copies an N-entry table: the new QuantState's own copy without a clone launch."""
+    if pid == 0:
+        j = tl.arange(0, N)
+        tl.store(dst_ptr + j, tl.load(src_ptr + j))
+
+
+@triton.jit
+def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, offset_ptr, code_out_ptr, n,
+                   nblocks, BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr,
+                   LUT: tl.constexpr, HAS_OFFSET: tl.constexpr, COPY_CODE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
+    if COPY_CODE:
+        _copy_table(code_ptr, code_out_ptr, pid, 256)
     blk = pid * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, BSP)
     idx = blk[:, None] * BS + col[None, :]
@@ -309,28 +335,29 @@ def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
     nbytes = (n + 1) // 2
     cols = min(BS // 2, _COLS_MAX)
     rows = max(1, ELEMS // (2 * cols))
-    grid = (triton.cdiv(triton.cdiv(nbytes, cols), rows),)
-    _dequant4_kernel[grid](packed, absmax, code, absmax2, code2, offset, out, n, nbytes, nblocks,
-                           BS=BS, BS2=BS2, ROWS=rows, COLS=cols, NESTED=NESTED, OUT=OUT,
-                           RNE_BITS=RNE_BITS, enable_fp_fusion=False, **kw)
+    grid = (_cdiv(_cdiv(nbytes, cols), rows),)
+    launch(_dequant4_kernel, grid, packed, absmax, code, absmax2, code2, offset, out, n, nbytes,
+           nblocks, BS=BS, BS2=BS2, ROWS=rows, COLS=cols, NESTED=NESTED, OUT=OUT,
+           RNE_BITS=RNE_BITS, enable_fp_fusion=False, **kw)
 
 
 def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
               ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
     nwords = n // 8                                              # eligible: n % 8 == 0
     words = ELEMS // 8
-    _dequant4t_kernel[(triton.cdiv(nwords, words),)](
-        packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords,
-        BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
-        ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
+    launch(_dequant4t_kernel, (_cdiv(nwords, words),),
+           packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords,
+           BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
+           ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
 
 
-def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, HAS_ORDER, PACK, CELLS, **kw):
+def _q4_launch(x, packed, absmax, tables, codes, n, nblocks, ELEMS, BS, HAS_ORDER, PACK, CELLS,
+               **kw):
     dst = packed.view(-1).view(torch.int32) if PACK else packed  # words: nbytes % 4 == 0
     rows = max(1, ELEMS // BS)
-    _quant4_kernel[(triton.cdiv(nblocks, rows),)](
-        x, dst, absmax, *tables, n, dst.numel(), nblocks, BS=BS, ROWS=rows,
-        HAS_ORDER=HAS_ORDER, PACK=PACK, CELLS=CELLS, enable_fp_fusion=False, **kw)
+    launch(_quant4_kernel, (_cdiv(nblocks, rows),),
+           x, dst, absmax, *tables, *codes, n, dst.numel(), nblocks, BS=BS, ROWS=rows,
+           HAS_ORDER=HAS_ORDER, PACK=PACK, CELLS=CELLS, enable_fp_fusion=False, **kw)
 
 
 # ---- tuner --------------------------------------------------------------------------------
@@ -449,26 +476,30 @@ def _dynamic_lut_on(device: torch.device) -> torch.Tensor:
     return lut_table(_code_on("dynamic", device))
 
 
-def _quant8(flat, code, lut, blocksize, rounding, offset=None):
-    """Launch the 8-bit kernel on flat ``flat`` (minus ``offset`` when given) -> flat codes."""
+def _quant8(flat, code, lut, blocksize, rounding, offset=None, code_out=None):
+    """Launch the 8-bit kernel on flat ``flat`` (minus ``offset`` when given) -> flat codes;
+    ``code_out`` (256 float32) receives a copy of ``code`` (the new state's own table)."""
     n = flat.numel()
     nblocks = num_blocks(n, blocksize)
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
-    bsp = triton.next_power_of_2(blocksize)
+    bsp = 1 << (blocksize - 1).bit_length()
     rows = max(1, 4096 // bsp)
-    _quant8_kernel[(triton.cdiv(nblocks, rows),)](
-        flat, codes, absmax, code, codes if lut is None else lut,
-        absmax if offset is None else offset, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows,
-        LUT=rounding == "lut", HAS_OFFSET=offset is not None, enable_fp_fusion=False,
-        num_warps=4)
+    launch(_quant8_kernel, (_cdiv(nblocks, rows),),
+           flat, codes, absmax, code, codes if lut is None else lut,
+           absmax if offset is None else offset, code if code_out is None else code_out, n,
+           nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
+           HAS_OFFSET=offset is not None, COPY_CODE=code_out is not None,
+           enable_fp_fusion=False, num_warps=4)
     return codes, absmax
 
 
 def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset):
-    """build_state's fused hook: 8-bit codes of ``absmax - offset`` (code2: the dynamic map)."""
-    lut = _dynamic_lut_on(absmax.device) if rounding == "lut" else None
-    return _quant8(absmax, code2, lut, blocksize, rounding, offset)
+    """build_state's fused hook: 8-bit codes of ``absmax - offset`` by the dynamic map; ``code2``
+    is the new state's table, allocated empty: the kernel writes the map's copy into it."""
+    dev = absmax.device
+    lut = _dynamic_lut_on(dev) if rounding == "lut" else None
+    return _quant8(absmax, _code_on("dynamic", dev), lut, blocksize, rounding, offset, code2)
 
 
 # ---- public entry points ------------------------------------------------------------------
@@ -481,16 +512,18 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
     nblocks, nbytes = num_blocks(n, blocksize), (n + 1) // 2
     packed = torch.empty((nbytes, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    # the state owns its tables: the kernels copy them from device-cached ones (no host-to-device
+    # copy, which would wait for the kernel, and no clone launches); reading the mean back (or
+    # the scan) is the one sync
+    code = torch.empty(16, dtype=torch.float32, device=x.device)
+    code2 = torch.empty(256, dtype=torch.float32, device=x.device) if double_quant else None
     eligible = _ALL if nbytes % 4 == 0 else _BYTES
     _quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
-            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, x.device), n, nblocks,
-            BS=blocksize, HAS_ORDER=quant_type != "nf4")
-    # device-cached tables (cloned: the state owns them) avoid host-to-device copies, which
-    # would wait for the kernel; reading the mean back (or the scan) is the one sync
+            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, x.device),
+            (_code_on(quant_type, x.device), code), n, nblocks, BS=blocksize,
+            HAS_ORDER=quant_type != "nf4")
     state = build_state(absmax, w, blocksize, quant_type, double_quant, nested_rounding,
-                        quantize8=_quant8_minus_offset, fused_offset=True,
-                        code=_code_on(quant_type, x.device).clone(),
-                        code2=_code_on("dynamic", x.device).clone() if double_quant else None)
+                        quantize8=_quant8_minus_offset, fused_offset=True, code=code, code2=code2)
     check_finite_absmax(absmax, mean=state.offset if double_quant else None)
     return packed, state
 
@@ -534,7 +567,7 @@ def dequantize_blockwise_8bit_triton(codes: torch.Tensor, absmax: torch.Tensor,
     code, shape, n = _check_dequant_args(codes, absmax, code, blocksize, shape, dtype)
     out = torch.empty(shape, dtype=dtype, device=codes.device)
     block = 1024 if _interpreting(codes) else 4096
-    _dequant8_kernel[(triton.cdiv(n, block),)](
-        codes.contiguous().view(-1), absmax.float(), code, out, n, blocksize, BLOCK=block,
-        OUT=_OUT_KIND[dtype], RNE_BITS=_interpreting(codes), num_warps=4)
+    launch(_dequant8_kernel, (_cdiv(n, block),),
+           codes.contiguous().view(-1), absmax.float(), code, out, n, blocksize, BLOCK=block,
+           OUT=_OUT_KIND[dtype], RNE_BITS=_interpreting(codes), num_warps=4)
     return out

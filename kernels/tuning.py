@@ -72,8 +72,16 @@ class Tuned:
     def __init__(self, op: str, candidates: Sequence[Candidate], interp_elems: int = 1024):
         self.op, self.candidates, self.interp_elems = op, list(candidates), interp_elems
         self.best: Dict[tuple, Candidate] = {}
-        self.last: Optional[str] = None
+        self._last: Optional[tuple] = None   # (candidate, elems, note) of the last call
         self.force = None
+
+    @property
+    def last(self) -> Optional[str]:
+        """What the last call ran: ``"<variant> ELEMS=<e> warps=<w>"`` (+ a note)."""
+        if self._last is None:
+            return None
+        cand, elems, note = self._last
+        return cand.describe(elems) + note
 
     def pick(self, key, eligible, time_fn: Callable[[Candidate], float],
              first_ok: bool = False) -> Candidate:
@@ -85,6 +93,11 @@ class Tuned:
         return self.best[key]
 
     def __call__(self, key, eligible, tune: bool, *args, **kwargs):
+        cand = None if self.force else self.best.get((*key, tune))
+        if cand is not None and not _interpreting(args[0]):   # the common case: a known key
+            self._last = (cand, None, "" if tune else " (untimed: small)")
+            self._run(cand, None, args, kwargs)
+            return
         pool = [c for c in self.candidates if c.variant in eligible]
         interp = _interpreting(args[0])
         elems, note = (self.interp_elems, " (interpreted)") if interp else (None, "")
@@ -105,7 +118,7 @@ class Tuned:
             # small tensor must not stand in for the timed one of a large tensor
             cand = self.pick((*key, tune), eligible, time_fn, first_ok=not tune)
             note = "" if tune else " (untimed: small)"
-        self.last = cand.describe(elems) + note
+        self._last = (cand, elems, note)
         self._run(cand, elems, args, kwargs)
 
     @staticmethod

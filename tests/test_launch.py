@@ -1,0 +1,126 @@
+"""The cached launch path (kernels/launch.py): its key separates every argument property Triton
+specializes on, hits reuse the compiled kernel with the constexprs in signature order, and a
+new specialization (a misaligned tensor, an integer that stops being divisible by 16) misses."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from peftlab.kernels import launch as L  # noqa: E402
+
+_INTS = [0, 1, 2, 15, 16, 17, 31, 32, 48, -1, -2, -16, -17, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31,
+         2 ** 31 + 16, -2 ** 31, -2 ** 31 - 16, 2 ** 32, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 2 ** 63 + 16]
+
+
+def _battery():
+    base = torch.empty(64, dtype=torch.float32)
+    vals = list(_INTS) + [True, False, None, 0.5, 1.0, -3.0]
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int32):
+        t = torch.empty(128, dtype=dt)
+        vals += [t, t[1:], t[16 // t.element_size():], t[3:]]
+    vals += [base.view(torch.int32), base[4:], base[2:]]
+    return vals
+
+
+def test_arg_key_separates_what_triton_specializes_on():
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    vals = _battery()
+
+    def spec(v):
+        return native_specialize_impl(BaseBackend, v, False, True, True)
+
+    separated = 0
+    for i, a in enumerate(vals):
+        for b in vals[i + 1:]:
+            if spec(a) != spec(b):
+                separated += 1
+                assert L.arg_key(a) != L.arg_key(b), (a, b, spec(a), spec(b))
+    assert separated > 500  # the battery does exercise the distinctions
+
+
+class _FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("fast", grid, args))
+
+
+class _FakeKernel:
+    arg_names = ["x_ptr", "n", "BLOCK", "MODE"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.log.append(("jit", grid, args, meta))
+            return _FakeCompiled(self.log)
+        return run
+
+
+def test_hits_reuse_the_kernel_and_new_specializations_miss(monkeypatch):
+    monkeypatch.setattr(L, "_fast_device", lambda first: 0)
+    L.clear_cache()
+    fn = _FakeKernel()
+    x = torch.empty(64)
+    L.launch(fn, (4,), x, 32, BLOCK=128, MODE=True, num_warps=4)
+    L.launch(fn, (5,), x, 48, BLOCK=128, MODE=True, num_warps=4)      # 48: still divisible by 16
+    assert [e[0] for e in fn.log] == ["jit", "fast"]
+    assert fn.log[1] == ("fast", (5, 1, 1), (x, 48, 128, True))        # constexprs by position
+    L.launch(fn, (5,), x[1:], 48, BLOCK=128, MODE=True, num_warps=4)   # misaligned pointer
+    L.launch(fn, (5,), x, 49, BLOCK=128, MODE=True, num_warps=4)       # n % 16 != 0
+    L.launch(fn, (5,), x, 1, BLOCK=128, MODE=True, num_warps=4)        # n == 1
+    L.launch(fn, (5,), x, 48, BLOCK=256, MODE=True, num_warps=4)       # another constexpr
+    L.launch(fn, (5,), x, 48, BLOCK=128, MODE=True, num_warps=8)       # another option
+    L.launch(fn, (5,), x.to(torch.float64), 48, BLOCK=128, MODE=True, num_warps=4)  # dtype
+    assert [e[0] for e in fn.log] == ["jit", "fast"] + ["jit"] * 6
+    assert len(L._cache) == 7
+    x4 = x[4:]                                                          # 16 bytes in: aligned
+    L.launch(fn, (7, 2), x4, 64, BLOCK=128, MODE=True, num_warps=4)     # the first key: a hit
+    assert fn.log[-1] == ("fast", (7, 2, 1), (x4, 64, 128, True))
+    L.clear_cache()
+
+
+def test_switched_off_and_cpu_take_the_jit_path(monkeypatch):
+    fn = _FakeKernel()
+    x = torch.empty(64)
+    L.clear_cache()
+    for _ in range(2):                      # CPU tensor: never cached
+        L.launch(fn, (1,), x, 32, BLOCK=128, MODE=False)
+    assert [e[0] for e in fn.log] == ["jit", "jit"] and not L._cache
+    monkeypatch.setenv("PEFTLAB_FAST_LAUNCH", "0")
+    assert L._fast_device(x) is None
+
+
+@triton.jit
+def _axpy_kernel(x_ptr, y_ptr, out_ptr, a, n, BLOCK: tl.constexpr, SQUARE: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(x_ptr + i, mask=m)
+    if SQUARE:
+        x = x * x
+    tl.store(out_ptr + i, a * x + tl.load(y_ptr + i, mask=m), mask=m)
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_real_kernel_results_through_both_paths(device):
+    L.clear_cache()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g).to(device)
+    y = torch.randn(1000, generator=g).to(device)
+    for n, off, square in ((1000, 0, False), (992, 0, False), (992, 0, True), (997, 1, False),
+                           (992, 4, True), (1000, 0, False)):
+        xs, ys = x[off:off + n], y[off:off + n]
+        out = torch.full((n,), float("nan"), device=device)
+        L.launch(_axpy_kernel, (triton.cdiv(n, 256),), xs, ys, out, 0.5, n, BLOCK=256,
+                 SQUARE=square, num_warps=4)
+        want = 0.5 * (xs * xs if square else xs) + ys
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    if device == "cuda":   # the last two cases hit the entries of the first and third
+        assert len(L._cache) == 4
+    L.clear_cache()
