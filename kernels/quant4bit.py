@@ -34,8 +34,9 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ``code2[qa_b] * absmax2[b // 256] + offset`` (compiled with ``enable_fp_fusion=False`` so the
   multiply and add round separately, as in the PyTorch reference).
 * Quantize (``_quant4_kernel``): a program owns ``ROWS`` whole blocks ``[ROWS, B]``. Only the
-  program holding the end of ``x`` loads with a per-element mask: such a mask splits every
-  16-byte load into 2-byte ones (``ld.global.b16`` in the PTX), so the others load unmasked.
+  program holding the end of ``x`` loads with a per-element mask: when ``n`` is not a multiple
+  of 16 (Triton specializes on that) such a mask splits every 16-byte load into 2-byte ones
+  (``ld.global.b16`` in the PTX), so the others load unmasked.
   absmax: an integer row max over the bits of ``|x|`` (float ``tl.max`` skips NaN; this
   propagates it, as torch's amax does, so a NaN block fails the finite check). Normalisation
   by the correctly rounded reciprocal (``div_rn``; Triton's ``/`` is approximate on GPUs; the
@@ -467,7 +468,8 @@ def _tables(quant_type: str, device: torch.device):
 
 @lru_cache(maxsize=None)
 def _code_on(name: str, device: torch.device) -> torch.Tensor:
-    """A table on ``device`` (cached; callers clone before handing it out)."""
+    """A table on ``device`` (cached, never handed out: the kernels copy it into each new
+    state's own tensor, other callers clone it)."""
     return dynamic_map(True, device=device) if name == "dynamic" else get_code(name, device)
 
 

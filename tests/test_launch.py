@@ -50,8 +50,14 @@ class _FakeCompiled:
         return lambda *args: self.log.append(("fast", grid, args))
 
 
+class _Param:
+    def __init__(self, constexpr):
+        self.is_constexpr = constexpr
+
+
 class _FakeKernel:
     arg_names = ["x_ptr", "n", "BLOCK", "MODE"]
+    params = [_Param(False), _Param(False), _Param(True), _Param(True)]
 
     def __init__(self):
         self.log = []
@@ -83,7 +89,12 @@ def test_hits_reuse_the_kernel_and_new_specializations_miss(monkeypatch):
     x4 = x[4:]                                                          # 16 bytes in: aligned
     L.launch(fn, (7, 2), x4, 64, BLOCK=128, MODE=True, num_warps=4)     # the first key: a hit
     assert fn.log[-1] == ("fast", (7, 2, 1), (x4, 64, 128, True))
+    L.launch(fn, (7,), x, 64, BLOCK=128, MODE=1, num_warps=4)          # 1 is not True to Triton
+    assert fn.log[-1][0] == "jit"
     L.clear_cache()
+    for _ in range(2):                  # a constexpr passed by position: never cached
+        L.launch(fn, (1,), x, 32, 128, MODE=True)
+    assert [e[0] for e in fn.log[-2:]] == ["jit", "jit"] and not L._cache
 
 
 def test_switched_off_and_cpu_take_the_jit_path(monkeypatch):
@@ -93,8 +104,17 @@ def test_switched_off_and_cpu_take_the_jit_path(monkeypatch):
     for _ in range(2):                      # CPU tensor: never cached
         L.launch(fn, (1,), x, 32, BLOCK=128, MODE=False)
     assert [e[0] for e in fn.log] == ["jit", "jit"] and not L._cache
+    cuda_like = torch.empty(0)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("PEFTLAB_FAST_LAUNCH", raising=False)
+    assert L._fast_device(cuda_like) == 3
     monkeypatch.setenv("PEFTLAB_FAST_LAUNCH", "0")
-    assert L._fast_device(x) is None
+    assert L._fast_device(cuda_like) is None
+    monkeypatch.setenv("PEFTLAB_FAST_LAUNCH", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert L._fast_device(cuda_like) is None
 
 
 @triton.jit

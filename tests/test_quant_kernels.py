@@ -403,3 +403,6 @@ def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):
     assert ran[-1] == "slow" and tuner.last.endswith("(untimed: small)")
     tuner(("bucket",), ("words", "bytes"), True, x)     # large, same key: timed
     assert ran[-1] == "fast" and tuner.last == cands[1].describe()
+    n_timed = len(ran)
+    tuner(("bucket",), ("words", "bytes"), True, x)     # known key: the cached pick, untimed
+    assert ran[n_timed:] == ["fast"] and tuner.last == cands[1].describe()
