@@ -1,6 +1,10 @@
 """Where do the 4-bit quantize / dequantize kernels stand against what the memory system allows?
 
-Two questions, one run (H200: ~40 s):
+Questions for one run (H200: about 2 minutes):
+
+0. Host time per call of quantize_4bit / dequantize_4bit through the cached launch path
+   (kernels/launch.py) and through Triton's JIT launch, interleaved; every quantize kernel
+   variant alone as CUDA-graph replays; the host time of each step of a quantize call.
 
 1. Traffic ceilings for dequantize. Dequantizing n weights reads n/2 packed bytes (+ absmax) and
    writes 2n bytes of bf16: a write-heavy mix, unlike a device copy (half reads, half writes).
@@ -12,7 +16,7 @@ Two questions, one run (H200: ~40 s):
                 stores)                                         reads n/2, writes 2n
      steps      the same plus a table gather per weight and/or a float32 absmax per 64
      dequant    ours, NF4 + double quantization -> bf16         reads n/2 + n/64 + ..., writes 2n
-                (the tuner's pick, then every candidate forced)
+                (the tuner's pick, then every candidate forced; CUDA-graph replays)
    If `nibbles` is not much faster than `dequant`, the decode is not what limits dequantize.
 
 2. Host cost of `quantize_4bit` (the call ends in one scalar read-back: the finite check). For
@@ -20,7 +24,7 @@ Two questions, one run (H200: ~40 s):
    check switched off (what the sync costs), the loop time per call without the check and
    without synchronising (max of host and device time), and a cProfile of the host side.
 
-    python experiments/quant_probe.py
+    python experiments/quant_probe.py [--quant-only]     # --quant-only: section 0 only
 """
 from __future__ import annotations
 
@@ -186,6 +190,20 @@ def quant_kernels(shape) -> None:
         print(f"  {c.describe():32s} {ms * 1e3:8.1f} us  {moved / (ms * 1e-3) / 1e12:5.2f} TB/s ({how})")
 
 
+def _host_us(fn, calls: int, warmup: int) -> float:
+    """Host microseconds per call of ``fn`` over ``calls`` calls after ``warmup`` (the GPU idle
+    before and after, so what is timed is the host side plus any sync the calls make)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def quantize_steps(shape, calls: int = 300) -> None:
     """Host time of each step of ``quantize_4bit`` (perf_counter around the module's callees, no
     extra syncs; the finite check's read-back is the one sync and waits for the kernels)."""
@@ -231,14 +249,7 @@ def quantize_steps(shape, calls: int = 300) -> None:
                      ("clone 16", lambda: small.clone()), ("mean 4096", lambda: x.mean()),
                      ("_quant8 4096", lambda: q4._quant8(x, q4._code_on("dynamic", x.device), None,
                                                           256, "nearest", small))):
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        print(f"  {what:14s} {(time.perf_counter() - t) / calls * 1e6:6.1f} us per call (host)")
-        torch.cuda.synchronize()
+        print(f"  {what:14s} {_host_us(fn, calls, 10):6.1f} us per call (host)")
 
 
 def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
@@ -251,20 +262,12 @@ def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
     w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
     packed, state = quantize_4bit(w, 64, "nf4", True)
     res = {}
-    for rnd in range(3):
+    for _ in range(3):
         for mode in ("1", "0"):
             os.environ["PEFTLAB_FAST_LAUNCH"] = mode
             for name, fn in (("quantize_4bit", lambda: quantize_4bit(w, 64, "nf4", True)),
                              ("dequantize_4bit", lambda: dequantize_4bit(packed, state))):
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                dt = (time.perf_counter() - t) / calls * 1e6
-                torch.cuda.synchronize()
-                res.setdefault((name, mode), []).append(dt)
+                res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
     os.environ["PEFTLAB_FAST_LAUNCH"] = "1"
     print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of {calls}):")
     for name in ("quantize_4bit", "dequantize_4bit"):
