@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .tuning import _interpreting
+
 _I32 = (-(1 << 31), 1 << 31)
 
 
@@ -44,8 +46,7 @@ def arg_key(a: Any):
 def _fast_device(first) -> Optional[int]:
     """The current CUDA device when the cached path may serve a launch whose first argument is
     ``first`` (a CUDA tensor, not interpreting, not switched off), else None."""
-    if (isinstance(first, torch.Tensor) and first.is_cuda
-            and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    if (isinstance(first, torch.Tensor) and not _interpreting(first)
             and os.environ.get("PEFTLAB_FAST_LAUNCH", "1") != "0"):
         return torch.cuda.current_device()
     return None

@@ -46,6 +46,9 @@ def fastest(candidates: Sequence[T], time_fn: Callable[[T], float], what: str,
     return best, times
 
 
+_UNTIMED = " (untimed: small)"   # the note on picks made below the tuning threshold
+
+
 def _interpreting(t: torch.Tensor) -> bool:
     return (not t.is_cuda) or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -95,7 +98,7 @@ class Tuned:
     def __call__(self, key, eligible, tune: bool, *args, **kwargs):
         cand = None if self.force else self.best.get((*key, tune))
         if cand is not None and not _interpreting(args[0]):   # the common case: a known key
-            self._last = (cand, None, "" if tune else " (untimed: small)")
+            self._last = (cand, None, "" if tune else _UNTIMED)
             self._run(cand, None, args, kwargs)
             return
         pool = [c for c in self.candidates if c.variant in eligible]
@@ -117,7 +120,7 @@ class Tuned:
             # keyed by `tune` too: a size bucket straddles _TUNE_MIN, and an untimed pick for a
             # small tensor must not stand in for the timed one of a large tensor
             cand = self.pick((*key, tune), eligible, time_fn, first_ok=not tune)
-            note = "" if tune else " (untimed: small)"
+            note = "" if tune else _UNTIMED
         self._last = (cand, elems, note)
         self._run(cand, elems, args, kwargs)
 
