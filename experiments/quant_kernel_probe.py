@@ -1,0 +1,115 @@
+"""Why does every quantize kernel stop at ~1.9 TB/s on the H200? Two experiments, one run.
+
+1. Ablation: the quantize step of a one-tile-per-program kernel (``[blocks, words, 8]``, 16-byte
+   loads, no layout conversion), with its parts switched on one at a time (STEP):
+     0  load, absmax, store absmax and words of raw bits (the traffic alone)
+     1  + normalise and the cell index (float->int)     (words from the cell index, no gather)
+     2  + a 4-byte gather from a 16-entry table          (gather width 4)
+     3  + the real 8-byte cell-table gather and select   (the kernel; checked bit for bit)
+2. Software pipelining (Triton's ``num_stages``, cp.async) in a persistent loop, STEP 3 (session
+   13: 5-10x slower; kept to reproduce the negative result).
+
+A probe, not a library kernel: whole blocks only (n % 64 == 0), NF4, bf16 in. Timed as CUDA-graph
+replays over rotated inputs (bench_quant's ``timed``).
+
+    python experiments/quant_kernel_probe.py
+"""
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quant import replicas, timed  # noqa: E402
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _q4pipe(x_ptr, words_ptr, absmax_ptr, cells_ptr, small_ptr, n, nwords, nblocks, ntiles,
+            BS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+            STEP: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    t = tl.arange(0, BS // 8)
+    k = tl.arange(0, 8)
+    for tile in tl.range(pid, ntiles, nprog, num_stages=STAGES):
+        blk = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        idx = blk[:, None, None] * BS + t[None, :, None] * 8 + k[None, None, :]
+        x = tl.load(x_ptr + idx, mask=(blk < nblocks)[:, None, None], other=0.0).to(tl.float32)
+        ax = tl.abs(x).to(tl.int32, bitcast=True)
+        am = tl.max(tl.max(ax, axis=2), axis=1).to(tl.float32, bitcast=True)
+        amc = tl.where(am < 1e-38, 1e-38, am)
+        inv = tl.where(am > 0, tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), amc), 0.0)
+        s = x * inv[:, None, None]
+        c = ((tl.abs(s) * 16.0).to(tl.int32) + tl.where(s > 0, 32, 0)) & 63
+        if STEP == 0:
+            q = ax & 15
+        elif STEP == 1:
+            q = c & 15
+        elif STEP == 2:
+            q = tl.load(small_ptr + (c & 15))
+        else:
+            e = tl.load(cells_ptr + c)
+            hw = (e >> 32).to(tl.int32)
+            q = tl.where(s > e.to(tl.int32).to(tl.float32, bitcast=True), hw >> 8, hw & 255)
+        wd = tl.reduce(q << ((k ^ 1) * 4)[None, None, :], 2, _or)
+        widx = tl.max_contiguous(blk[:, None] * (BS // 8) + t[None, :], [1, 1])
+        tl.store(words_ptr + widx, wd, mask=widx < nwords)
+        tl.store(absmax_ptr + blk, am, mask=blk < nblocks)
+
+
+def main() -> None:
+    import peftlab.kernels.quant4bit as q4
+    from peftlab.quant import quantize_4bit
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    for shape in ((4096, 14336), (28672, 8192)):
+        torch.manual_seed(0)
+        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        n = w.numel()
+        nblocks = n // 64
+        packed, state = quantize_4bit(w, 64, "nf4", False)
+        R = replicas(2 * n, True)
+        xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
+        words = torch.empty(n // 8, dtype=torch.int32, device="cuda")
+        am = torch.empty(nblocks, device="cuda")
+        cells = q4._tables("nf4", w.device)[2]
+        small = torch.arange(16, dtype=torch.int32, device="cuda")
+        moved = 2 * n + n // 2 + 4 * nblocks
+        print(f"\n{shape[0]}x{shape[1]} ({R} replicas)")
+
+        def run(rows, stages, step, nprog, warps):
+            ntiles = nblocks // rows
+
+            def fn(r):
+                _q4pipe[(nprog or ntiles,)](xs[r], words, am, cells, small, n, n // 8, nblocks,
+                                            ntiles, BS=64, ROWS=rows, STAGES=stages, STEP=step,
+                                            num_warps=warps)
+            words.fill_(0)
+            fn(0)
+            ok = torch.equal(words.view(torch.uint8), packed.view(-1)) and \
+                torch.equal(am, state.absmax)
+            ms = timed(fn, True, R)[0]
+            exact = f"bit-exact {ok}" if step == 3 else ""
+            print(f"  step {step} rows {rows:2d} warps {warps} stages {stages} programs "
+                  f"{nprog or ntiles:7d}: {ms * 1e3:7.1f} us {moved / (ms * 1e-3) / 1e12:5.2f} TB/s "
+                  f"{exact}")
+
+        for rows, warps in ((16, 4), (32, 4), (32, 8)):
+            for step in range(4):
+                run(rows, 1, step, 0, warps)
+        for stages in (1, 3):
+            run(32, stages, 3, 8 * sms, 4)
+
+
+if __name__ == "__main__":
+    main()
