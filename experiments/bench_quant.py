@@ -29,7 +29,7 @@ flushed L2's dirty lines is not charged to one call):
 
 Prints one table (GPU name, torch / triton / bitsandbytes versions, date; ``config`` is the
 kernel variant and tile the tuner picked for our row: dequantize ``tile1`` / ``tile`` / ``bytes``,
-quantize ``words`` / ``words1`` / ``bytes`` / ``bytes_tree``, elements per program, warps; see
+quantize ``words`` / ``words1`` / ``bytes``, elements per program, warps; see
 kernels/quant4bit.py), the tuner's winner per key, and writes bench_quant.csv and
 bench_quant_check.csv (``*_smoke.csv`` with --smoke) under --out.
 """

@@ -179,13 +179,11 @@ def quant_kernels(shape) -> None:
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
     absmax = torch.empty(nblocks, dtype=torch.float32, device="cuda")
     tables = q4._tables("nf4", w.device)
-    codes = (q4._code_on("nf4", w.device), torch.empty(16, device="cuda"))
     moved = 2 * n + n // 2 + 4 * nblocks
     print(f"\nquantize kernels {shape[0]}x{shape[1]} (graph replays, {R} replicas)")
     for c in q4._quant4.candidates:
         def fn(r, c=c):
-            q4._quant4._run(c, None, (xs[r], packed, absmax, tables, codes, n, nblocks),
-                            dict(BS=64, HAS_ORDER=False))
+            q4._quant4._run(c, None, (xs[r], packed, absmax, tables, n, nblocks), dict(BS=64))
         ms, how = timed(fn, True, R)
         print(f"  {c.describe():32s} {ms * 1e3:8.1f} us  {moved / (ms * 1e-3) / 1e12:5.2f} TB/s ({how})")
 
@@ -275,8 +273,60 @@ def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
         print(f"  {name:16s} cached launch {fast:6.1f}   Triton JIT launch {jit:6.1f}")
 
 
+def launch_costs(calls: int = 2000) -> None:
+    """Host microseconds of the pieces of one launch of the 8-bit kernel (4096 floats, 11
+    arguments, 8 of them tensors) and of the torch calls around it, GPU idle: Triton's JIT
+    launch, ``launch.launch`` (cached: since session 14 the launcher called directly, hooks off,
+    int pointers), the compiled kernel's runner, its launcher called directly without hooks,
+    the same with raw device pointers (ints: the launcher then skips ``data_ptr()`` and
+    ``cuPointerGetAttribute`` per tensor)."""
+    import peftlab.kernels.quant4bit as q4
+    from peftlab.kernels import launch as L
+
+    x = torch.rand(4096, device="cuda")
+    codes = torch.empty(4096, dtype=torch.uint8, device="cuda")
+    am = torch.empty(16, device="cuda")
+    code = q4._code_on("dynamic", x.device)
+    off = x.mean()
+    out = torch.empty(256, device="cuda")
+    args = (x, codes, am, code, codes, off, out, code, code, 4096, 16)
+    meta = dict(BS=256, BSP=256, ROWS=16, LUT=False, HAS_OFFSET=True, COPY_CODE=True,
+                COPY_CODE4=False, enable_fp_fusion=False, num_warps=4)
+    fn = q4._quant8_kernel
+    L.launch(fn, (1,), *args, **meta)
+    _, compiled, consts, _ = next(v for k, v in L._cache.items() if k[0] == id(fn))
+    ptrs = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+    dev = torch.cuda.current_device()
+    raw_stream = torch._C._cuda_getCurrentRawStream
+
+    def direct(a):
+        compiled.run(1, 1, 1, raw_stream(dev), compiled.function, compiled.packed_metadata,
+                     None, None, None, *a, *consts)
+
+    rows = [("Triton JIT fn[grid](...)", lambda: fn[(1,)](*args, **meta)),
+            ("launch.launch (cached)", lambda: L.launch(fn, (1,), *args, **meta)),
+            ("  hooks idle?", L._hooks_idle),
+            ("compiled[grid](...)", lambda: compiled[(1, 1, 1)](*args, *consts)),
+            ("compiled.run, no hooks", lambda: direct(args)),
+            ("compiled.run, int pointers", lambda: direct(ptrs)),
+            ("  ints from tensors", lambda: tuple(a.data_ptr() if isinstance(a, torch.Tensor)
+                                                  else a for a in args)),
+            ("  _fast_device", lambda: L._fast_device(x)),
+            ("  current raw stream", lambda: raw_stream(dev)),
+            ("torch.empty(4096)", lambda: torch.empty(4096, device="cuda")),
+            ("x.mean()", lambda: x.mean()),
+            ("float(mean), idle GPU", lambda: float(off)),
+            ("x.view(-1)", lambda: x.view(-1))]
+    print(f"\nhost us per call, GPU idle (median of 3 rounds of {calls}):")
+    for name, f in rows:
+        print(f"  {name:28s} {sorted(_host_us(f, calls, 50) for _ in range(3))[1]:6.2f}")
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    launch_costs()
+    if "--launch-only" in sys.argv:
+        return
     launch_paths()
     for shape in ((4096, 14336), (28672, 8192)):
         quant_kernels(shape)

@@ -43,32 +43,36 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ragged last block divides, as the reference, and only the program holding it pays for the
   division; an all-zero block scales by 0). No clamp to [-1, 1]: all decision bounds lie
   inside, so the index is unchanged. The code ``order[#(bounds < s)]`` (nearest level, ties
-  to the lower one) comes from one of two searches:
-  - cell table (``_cell_table``): ``c = floor(16 |s|) + 32 [s > 0]`` (exact), one 8-byte
-    gather of ``(t, lo, hi)`` from a 64-entry table, ``s > t ? hi : lo``; about 8 integer-pipe
-    instructions per weight. Exact for every float32 ``s`` (checked exhaustively for
-    ``|s| <= 1.0001`` when written; the tests probe every cell edge and bound +-2 ulps);
-  - select tree (``_nearest16``): a 4-level branch-free binary search over the 15 bounds,
-    thresholds by selects, then FP4's order gather; about 22 integer-pipe instructions, which
-    made the kernel compute-bound (ptxas SASS for sm_90, compiled on the CPU).
+  to the lower one) comes from a cell table (``_cell_tables``): the cell of ``s`` is
+  ``round(16 s)`` (NF4, "signed": 32 cells) or ``round(16 |s|)`` split by sign (FP4, whose
+  three bounds around 0 are closer than a cell), computed by adding 1.5 * 2**23 (float ulp 1
+  there, so the integer lands in the low bits: no float-to-int conversion); within a cell the
+  count steps at most once, so two 1-line gathers, the cell's step bound ``t`` (float32, 128 B)
+  and its codes ``lo | hi << 4`` (32 B), give ``s > t ? hi : lo``. Exact for every float32
+  ``s`` in [-1.0001, 1.0001] (all 2.13e9 checked against the bounds when written; the tests
+  check both ends of every cell's run of floats and every bound +-1 ulp in NumPy, and the
+  kernels at every cell edge and bound +-2 ulps). The gather is what the kernel spends its L1
+  on: on the H200 (``experiments/quant_kernel_probe.py``, 4096x14336) traffic alone 50.5 us, the
+  cell index 51.1, session 13's 8-byte gather from a 64-entry table 85.0, these two 78.6.
   Packing: ``bytes`` (``tl.split`` of pairs, uint8 stores) or ``words`` / ``words1``
   (``_pack8``: three ``tl.split`` levels, one int32 word per 8 codes in ``decode4bit.SHIFTS``
-  order; needs ``((n + 1) // 2) % 4 == 0``), ``words1`` again hinting one word per thread.
-  Variants: ``words``, ``words1``, ``bytes`` (cell table) and ``bytes_tree`` (the previous
-  kernel's search and packing).
+  order, stored through the byte pointer cast to int32; needs ``((n + 1) // 2) % 4 == 0``),
+  ``words1`` again hinting one word per thread.
 * ``_quant8_kernel`` / ``_dequant8_kernel``: blockwise 8-bit with a 256-entry code (nearest by
   an 8-step binary search over 255 bounds, or bitsandbytes' CPU 65536-entry lookup table); used
   for double quantization, with the ``absmax - offset`` subtraction fused (same float32
   subtraction), and exposed for the 8-bit optimizer.
 
-``quantize_4bit_triton`` launches the 4-bit kernel, the mean and the fused 8-bit kernel (their
-program 0 also copies the code tables into the new state's own tensors, instead of two clone
-launches), then reads the mean back: absmax >= 0, so a finite mean proves every block finite;
-only a non-finite mean scans absmax for the offending block (the reference's error). Without
-double quantization it scans absmax (isfinite, any: the one sync). On the H200's host a call
-costs about 190 us of CPU time (``experiments/quant_probe.py``), more than its kernels at
-4096x14336 (about 80 us), so every launch goes through ``launch.launch`` (Triton's kernel
-lookup cached: about 17 us less per quantize call, 6 us per dequantize call, measured).
+``quantize_4bit_triton`` launches the 4-bit kernel first, then (while it runs) the mean and the
+fused 8-bit kernel, whose program 0 also copies both code tables into the new state's own
+tensors (no clone launches), then reads the mean back: absmax >= 0, so a finite mean proves
+every block finite; only a non-finite mean scans absmax for the offending block (the
+reference's error). Without double quantization it scans absmax (isfinite, any: the one sync).
+At the middle sizes the call is bound by host time, not by its kernels (about 90 us of GPU time
+at 4096x14336 against 100-180 us of CPU time, depending on the H200's host:
+``experiments/quant_probe.py``), so every launch goes through ``launch.launch`` (the compiled
+kernel's launcher called directly: 15-26 us per launch against Triton's 19-32 us) and the
+host side avoids torch view ops (a few us each: the word kernels cast the byte pointer).
 
 Tuner: on CUDA each direction times every eligible (variant, elements per program, warps)
 candidate once per (blocksize, size bucket, dtype, ...) key with ``do_bench`` and keeps the
@@ -152,7 +156,7 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
 
 
 @triton.jit
-def _dequant4t_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+def _dequant4t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                       out_ptr, nwords,
                       BS: tl.constexpr, BS2: tl.constexpr, WORDS: tl.constexpr,
                       NESTED: tl.constexpr, OUT: tl.constexpr, RNE_BITS: tl.constexpr,
@@ -160,7 +164,9 @@ def _dequant4t_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
     """``tile``: WORDS int32 words -> ``[WORDS, 8]`` outputs built by broadcasting, the shape of
     a plain widening copy (nibble ``k`` of word ``i`` at bit ``SHIFTS[k] = 4 (k ^ 1)``), so the
     compiler keeps each word's 8 outputs in one thread for one 16-byte store without joins.
-    ONE_WORD (``tile1``): one word per thread and load, no layout conversion before the store."""
+    ONE_WORD (``tile1``): one word per thread and load, no layout conversion before the store.
+    ``packed_ptr`` (uint8, 4-byte aligned) is read as int32 words through a pointer cast."""
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     i = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
     if ONE_WORD:
         i = tl.max_contiguous(i, 1)
@@ -173,33 +179,6 @@ def _dequant4t_kernel(words_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, o
     vals = tl.load(code_ptr + nib) * am[:, None]
     eidx = i[:, None] * 8 + k[None, :]
     _store_out(out_ptr, eidx, vals, wmask[:, None], OUT, RNE_BITS)
-
-
-@triton.jit
-def _nearest16(s, bounds_ptr):
-    """``#(bounds < s)`` for 15 ascending bounds: four compare levels, thresholds by selects."""
-    b0 = tl.load(bounds_ptr + 0)
-    b1 = tl.load(bounds_ptr + 1)
-    b2 = tl.load(bounds_ptr + 2)
-    b3 = tl.load(bounds_ptr + 3)
-    b4 = tl.load(bounds_ptr + 4)
-    b5 = tl.load(bounds_ptr + 5)
-    b6 = tl.load(bounds_ptr + 6)
-    b7 = tl.load(bounds_ptr + 7)
-    b8 = tl.load(bounds_ptr + 8)
-    b9 = tl.load(bounds_ptr + 9)
-    b10 = tl.load(bounds_ptr + 10)
-    b11 = tl.load(bounds_ptr + 11)
-    b12 = tl.load(bounds_ptr + 12)
-    b13 = tl.load(bounds_ptr + 13)
-    b14 = tl.load(bounds_ptr + 14)
-    g1 = s > b7
-    g2 = s > tl.where(g1, b11, b3)
-    g3 = s > tl.where(g1, tl.where(g2, b13, b9), tl.where(g2, b5, b1))
-    t4 = tl.where(g1, tl.where(g2, tl.where(g3, b14, b12), tl.where(g3, b10, b8)),
-                  tl.where(g2, tl.where(g3, b6, b4), tl.where(g3, b2, b0)))
-    g4 = s > t4
-    return g1.to(tl.int32) * 8 + g2.to(tl.int32) * 4 + g3.to(tl.int32) * 2 + g4.to(tl.int32)
 
 
 @triton.jit
@@ -220,13 +199,13 @@ def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr, code_ptr,
-                   code_out_ptr, n, nunits, nblocks, BS: tl.constexpr, ROWS: tl.constexpr,
-                   HAS_ORDER: tl.constexpr, PACK: tl.constexpr, CELLS: tl.constexpr):
-    """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words; 2: words, one per thread.
-    CELLS: code by the cell table (``_cell_table``), else by the select tree (``_nearest16``)."""
+def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nblocks,
+                   BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
+                   SIGNED: tl.constexpr):
+    """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
+    through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
+    SIGNED: cells of ``round(16 s)``, else of ``round(16 |s|)`` split by sign (``_cell_tables``)."""
     pid = tl.program_id(0).to(tl.int64)
-    _copy_table(code_ptr, code_out_ptr, pid, 16)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
     if (pid + 1) * ROWS * BS > n:                                # only the end masks per element
@@ -245,17 +224,15 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr,
     if (pid + 1) * ROWS * BS > n:                                # ragged last block: divide
         s = tl.where(tail[:, None] & (am[:, None] > 0), tl.math.div_rn(x, amc[:, None]), s)
     # no clamp to [-1, 1]: every decision bound lies inside, so #(bounds < s) is unchanged
-    if CELLS:
-        # cell floor(16 |s|) (exact: a power-of-two scale), upper half for s > 0; & 63 keeps
-        # a NaN's index in the table (its block raises anyway)
-        c = ((tl.abs(s) * 16.0).to(tl.int32) + tl.where(s > 0, 32, 0)) & 63
-        e = tl.load(cells_ptr + c)                               # int64: threshold | codes
-        hw = (e >> 32).to(tl.int32)
-        q = tl.where(s > e.to(tl.int32).to(tl.float32, bitcast=True), hw >> 8, hw & 255)
+    # the cell (``_cell_np``): adding 1.5 * 2**23 (float ulp 1 there) rounds 16 s, exact, once,
+    # to an integer in the low bits; & and min keep any float (NaN: its block raises) in range
+    if SIGNED:
+        c = tl.minimum((s * 16.0 + 12582928.0).to(tl.int32, bitcast=True) & 63, 31)
     else:
-        q = _nearest16(s, bounds_ptr)
-        if HAS_ORDER:
-            q = tl.load(order_ptr + q)
+        c = (tl.minimum((tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31, 15)
+             + tl.where(s > 0, 16, 0))
+    g = tl.load(codes_ptr + c).to(tl.int32)                      # lo | hi << 4
+    q = tl.where(s > tl.load(thr_ptr + c), g >> 4, g & 15)
     if PACK == 0:
         ev, od = tl.split(tl.reshape(q, [ROWS, BS // 2, 2]))
         pidx = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
@@ -264,7 +241,8 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, bounds_ptr, order_ptr, cells_ptr,
         widx = blk[:, None] * (BS // 8) + tl.arange(0, BS // 8)[None, :]
         if PACK == 2:
             widx = tl.max_contiguous(widx, [1, 1])
-        tl.store(dst_ptr + widx, _pack8(q, ROWS, BS // 8), mask=widx < nunits)
+        words_ptr = dst_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        tl.store(words_ptr + widx, _pack8(q, ROWS, BS // 8), mask=widx < nunits)
     tl.store(absmax_ptr + blk, tl.where(tail, amc, am), mask=blk < nblocks)
 
 
@@ -277,12 +255,17 @@ def _copy_table(src_ptr, dst_ptr, pid, N: tl.constexpr):
 
 
 @triton.jit
-def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, offset_ptr, code_out_ptr, n,
-                   nblocks, BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr,
-                   LUT: tl.constexpr, HAS_OFFSET: tl.constexpr, COPY_CODE: tl.constexpr):
+def _quant8_kernel(x_ptr, codes_ptr, absmax_ptr, code_ptr, lut_ptr, offset_ptr, code_out_ptr,
+                   code4_ptr, code4_out_ptr, n, nblocks, BS: tl.constexpr, BSP: tl.constexpr,
+                   ROWS: tl.constexpr, LUT: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                   COPY_CODE: tl.constexpr, COPY_CODE4: tl.constexpr):
+    """COPY_CODE / COPY_CODE4: program 0 also copies the 8-bit map / the 4-bit table (double
+    quantization: the new state's own tables, written by the launch that follows the 4-bit one)."""
     pid = tl.program_id(0).to(tl.int64)
     if COPY_CODE:
         _copy_table(code_ptr, code_out_ptr, pid, 256)
+    if COPY_CODE4:
+        _copy_table(code4_ptr, code4_out_ptr, pid, 16)
     blk = pid * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, BSP)
     idx = blk[:, None] * BS + col[None, :]
@@ -347,18 +330,18 @@ def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
     nwords = n // 8                                              # eligible: n % 8 == 0
     words = ELEMS // 8
     launch(_dequant4t_kernel, (_cdiv(nwords, words),),
-           packed.view(torch.int32), absmax, code, absmax2, code2, offset, out, nwords,
+           packed, absmax, code, absmax2, code2, offset, out, nwords,
            BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
            ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
 
 
-def _q4_launch(x, packed, absmax, tables, codes, n, nblocks, ELEMS, BS, HAS_ORDER, PACK, CELLS,
-               **kw):
-    dst = packed.view(-1).view(torch.int32) if PACK else packed  # words: nbytes % 4 == 0
+def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
+    nbytes = (n + 1) // 2                      # words (PACK > 0): nbytes % 4 == 0, packed fresh
     rows = max(1, ELEMS // BS)
+    thr, codes, signed = tables
     launch(_quant4_kernel, (_cdiv(nblocks, rows),),
-           x, dst, absmax, *tables, *codes, n, dst.numel(), nblocks, BS=BS, ROWS=rows,
-           HAS_ORDER=HAS_ORDER, PACK=PACK, CELLS=CELLS, enable_fp_fusion=False, **kw)
+           x, packed, absmax, thr, codes, n, nbytes // 4 if PACK else nbytes, nblocks, BS=BS,
+           ROWS=rows, PACK=PACK, SIGNED=signed, enable_fp_fusion=False, **kw)
 
 
 # ---- tuner --------------------------------------------------------------------------------
@@ -376,14 +359,13 @@ def _candidates(variants) -> List[Candidate]:
 _dequant4 = Tuned("dequant", _candidates([("tile1", _dq4_tile, dict(ONE_WORD=True)),
                                            ("tile", _dq4_tile, dict(ONE_WORD=False)),
                                            ("bytes", _dq4_bytes, {})]))
-_quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1, CELLS=True)),
-                                       ("words1", _q4_launch, dict(PACK=2, CELLS=True)),
-                                       ("bytes", _q4_launch, dict(PACK=0, CELLS=True)),
-                                       ("bytes_tree", _q4_launch, dict(PACK=0, CELLS=False))]))
+_quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1)),
+                                       ("words1", _q4_launch, dict(PACK=2)),
+                                       ("bytes", _q4_launch, dict(PACK=0))]))
 _TUNERS = {"dequant": _dequant4, "quant": _quant4}
 # eligibility by alignment; each op only ever picks among its own candidates (``_VARIANTS``)
-_ALL = ("words", "words1", "bytes", "bytes_tree", "tile", "tile1")
-_BYTES = ("bytes", "bytes_tree")  # any n
+_ALL = ("words", "words1", "bytes", "tile", "tile1")
+_BYTES = ("bytes",)  # any n
 _VARIANTS = {op: tuple(dict.fromkeys(c.variant for c in t.candidates)) for op, t in _TUNERS.items()}
 
 
@@ -422,48 +404,93 @@ def _word_aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() % 4 == 0 and t.data_ptr() % 4 == 0
 
 
-def _cell_table(quant_type: str) -> torch.Tensor:
-    """int64 [64]: the quantizer's lookup table, one entry per cell of normalised values ``s``.
+_MAGIC = 12582912.0   # 1.5 * 2**23: in [2**23, 2**24) the float ulp is 1, so x + _MAGIC rounds
+                      # x to an integer held in the low bits of its float32 pattern
 
-    Cell ``c = floor(16 |s|) + 32 [s > 0]`` (the kernel's float32 arithmetic; ``16 |s|`` is
-    exact, so the cell edges are exactly k/16, and +-0 fall in the lower half with the
-    negatives). Within a cell ``#(bounds < s)`` takes at most two values: the entry holds the
-    bound ``t`` where it steps (low 32 bits; +inf if it does not) and the two codes
-    ``lo | hi << 8`` (high bits, FP4's order applied), and the kernel emits ``s > t ? hi : lo``:
-    exactly ``order[#(bounds < s)]``. Cells are 1/16 wide, narrower than the distance between
-    any two bounds except FP4's three around 0 (-1/384, 0, 1/384), which the sign split
-    separates: s <= 0 never passes 0, s > 0 always does. Raises if a cell held two steps.
-    """
+
+def _cell_np(s: np.ndarray, signed: bool) -> np.ndarray:
+    """The kernel's cell of normalised values ``s`` (float32 arithmetic, numpy twin).
+
+    split: ``min(round(16 |s|), 15) + 16 [s > 0]``; signed: ``min(round(16 s) + 16, 31)``
+    (round half to even: ``16 s`` is exact and adding ``_MAGIC`` rounds once)."""
+    s = np.asarray(s, dtype=np.float32)
+    sixteen = np.float32(16)
+    if signed:
+        return np.minimum((s * sixteen + np.float32(_MAGIC + 16)).view(np.int32) & 63, 31)
+    r = (np.abs(s) * sixteen + np.float32(_MAGIC)).view(np.int32) & 31
+    return np.minimum(r, 15) + np.where(s > 0, 16, 0)
+
+
+def _order_key(s):
+    """float32 -> int64 key in the floats' order (-0.0 just below +0.0)."""
+    u = np.asarray(s, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(u < 0, -(2 ** 31) - 1 - u, u)
+
+
+def _key_float(k):
+    k = np.asarray(k, dtype=np.int64)
+    u = np.where(k < 0, -(2 ** 31) - 1 - k, k)
+    return (u & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
+def _cell_runs(cell, lim: float = 1.0001):
+    """``[(cell, first key, last key)]``: the runs of equal cells over every float32 in
+    ``[-lim, lim]`` (|s| <= 1 + 2 ulps in the kernel), by bisection between 2**16 sampled keys
+    (cells are thousands of floats wide; the cell table rejects a cell met in two runs)."""
+    lo_k, hi_k = int(_order_key(np.float32(-lim))), int(_order_key(np.float32(lim)))
+    ks = np.unique(np.linspace(lo_k, hi_k, 1 << 16).astype(np.int64))
+    cs = cell(_key_float(ks))
+    at = lambda k: int(cell(_key_float(k)))  # noqa: E731
+    edges = []
+    for i in np.nonzero(cs[1:] != cs[:-1])[0]:
+        a, end = int(ks[i]), int(ks[i + 1])
+        while at(end) != at(a):                  # a change in (a, end]: find where
+            lo, hi = a, end
+            while hi - lo > 1:
+                m = (lo + hi) // 2
+                lo, hi = (m, hi) if at(m) == at(a) else (lo, m)
+            edges.append(hi)
+            a = hi
+    starts, ends = [lo_k] + edges, [e - 1 for e in edges] + [hi_k]
+    return [(at(a), a, e) for a, e in zip(starts, ends)]
+
+
+def _cell_tables(quant_type: str, cell=None):
+    """``(thresholds float32 [C], codes uint8 [C], signed)``: the quantizer's lookup by cell.
+
+    ``cell`` (default: ``_cell_np`` signed, else split) maps float32 ``s`` to the kernel's cell.
+    Over the floats of one cell ``#(bounds < s)`` takes at most two values; the entry holds the
+    bound ``t`` where it steps (+inf if it does not) and the codes ``lo | hi << 4`` (FP4's order
+    applied): the kernel emits ``s > t ? hi : lo``, exactly ``order[#(bounds < s)]``. Signed cells
+    (one gather fewer instructions) need every two bounds more than 1/16 apart: NF4 (0.085 at
+    least); FP4's three bounds around 0 (-1/384, 0, 1/384) need the split by sign, where s <= 0
+    never passes the bound 0 and s > 0 always does. Raises if a cell is not one run of floats
+    or holds two steps."""
+    if cell is None:
+        try:
+            return _cell_tables(quant_type, lambda v: _cell_np(v, True)) + (True,)
+        except RuntimeError:
+            return _cell_tables(quant_type, lambda v: _cell_np(v, False)) + (False,)
     bounds, order = decision_bounds(get_code(quant_type))
-    b = bounds.numpy()
-    one = np.float32(1.0)
-
-    def count(v):
-        return int((b < np.float32(v)).sum())
-
-    table = np.zeros(64, dtype=np.int64)
-    for half in (0, 1):
-        for k in range(17):                    # |s| <= 1 (+ an ulp) -> k <= 16
-            lo_s, hi_s = np.float32(k / 16), np.nextafter(np.float32((k + 1) / 16), 0 * one)
-            if half == 0:                      # s in (-(k+1)/16, -k/16], -0 for k = 0
-                lo_s, hi_s = -hi_s, -lo_s
-            elif k == 0:                       # s in (0, 1/16)
-                lo_s = np.nextafter(np.float32(0), one)
-            c_lo, c_hi = count(lo_s), count(hi_s)
-            if c_hi - c_lo > 1:
-                raise RuntimeError(f"{quant_type}: cell {half}/{k} holds {c_hi - c_lo} steps")
-            t = b[c_lo] if c_hi > c_lo else np.float32(np.inf)
-            codes = int(order[c_lo]) | int(order[min(c_hi, 15)]) << 8
-            table[32 * half + k] = int(np.float32(t).view(np.uint32)) | codes << 32
-    return torch.from_numpy(table)
+    b, order = bounds.numpy(), order.numpy()
+    runs = _cell_runs(cell)
+    size = 1 + max(c for c, _, _ in runs)
+    thr, codes, seen = np.full(size, np.inf, dtype=np.float32), np.zeros(size, np.uint8), set()
+    for c, first, last in runs:
+        lo, hi = (int((b < _key_float(k)).sum()) for k in (first, last))
+        if c in seen or hi - lo > 1:
+            raise RuntimeError(f"{quant_type}: cell {c} is split or holds {hi - lo} steps")
+        seen.add(c)
+        thr[c] = b[lo] if hi > lo else np.inf
+        codes[c] = int(order[lo]) | int(order[hi]) << 4
+    return torch.from_numpy(thr), torch.from_numpy(codes)
 
 
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device):
-    """(decision bounds, FP4 order, cell table) on ``device`` (cached; never handed out)."""
-    bounds, order = decision_bounds(get_code(quant_type))
-    return (bounds.to(device), order.to(torch.int32).to(device),
-            _cell_table(quant_type).to(device))
+    """``_cell_tables`` on ``device`` (cached; never handed out)."""
+    thr, codes, signed = _cell_tables(quant_type)
+    return thr.to(device), codes.to(device), signed
 
 
 @lru_cache(maxsize=None)
@@ -478,30 +505,34 @@ def _dynamic_lut_on(device: torch.device) -> torch.Tensor:
     return lut_table(_code_on("dynamic", device))
 
 
-def _quant8(flat, code, lut, blocksize, rounding, offset=None, code_out=None):
+def _quant8(flat, code, lut, blocksize, rounding, offset=None, code_out=None, code4=None):
     """Launch the 8-bit kernel on flat ``flat`` (minus ``offset`` when given) -> flat codes;
-    ``code_out`` (256 float32) receives a copy of ``code`` (the new state's own table)."""
+    ``code_out`` (256 float32) receives a copy of ``code`` (the new state's own table), and
+    ``code4 = (table, out)`` a copy of the 4-bit table."""
     n = flat.numel()
     nblocks = num_blocks(n, blocksize)
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
     bsp = 1 << (blocksize - 1).bit_length()
     rows = max(1, 4096 // bsp)
+    code4 = code4 or (code, code)
     launch(_quant8_kernel, (_cdiv(nblocks, rows),),
            flat, codes, absmax, code, codes if lut is None else lut,
-           absmax if offset is None else offset, code if code_out is None else code_out, n,
-           nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
+           absmax if offset is None else offset, code if code_out is None else code_out,
+           *code4, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
            HAS_OFFSET=offset is not None, COPY_CODE=code_out is not None,
-           enable_fp_fusion=False, num_warps=4)
+           COPY_CODE4=code4[1] is not code4[0], enable_fp_fusion=False, num_warps=4)
     return codes, absmax
 
 
-def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset):
+def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset, code4=None):
     """build_state's fused hook: 8-bit codes of ``absmax - offset`` by the dynamic map; ``code2``
-    is the new state's table, allocated empty: the kernel writes the map's copy into it."""
+    is the new state's table, allocated empty: the kernel writes the map's copy into it (and
+    the 4-bit table's into ``code4[1]`` when given)."""
     dev = absmax.device
     lut = _dynamic_lut_on(dev) if rounding == "lut" else None
-    return _quant8(absmax, _code_on("dynamic", dev), lut, blocksize, rounding, offset, code2)
+    return _quant8(absmax, _code_on("dynamic", dev), lut, blocksize, rounding, offset, code2,
+                   code4)
 
 
 # ---- public entry points ------------------------------------------------------------------
@@ -509,23 +540,29 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
                          double_quant: bool = True, nested_rounding: str = "nearest"):
     """Kernel twin of ``quantize_4bit_reference``: ``(packed uint8 [(n+1)//2, 1], QuantState)``."""
     check_quantize_args(w, blocksize, quant_type, nested_rounding)
-    x = w.detach().contiguous().view(-1)
-    n = x.numel()
+    x = w if w.is_contiguous() else w.contiguous()   # read flat by the kernel (no view ops:
+    n, dev = x.numel(), x.device                      # a few us each on the host)
     nblocks, nbytes = num_blocks(n, blocksize), (n + 1) // 2
-    packed = torch.empty((nbytes, 1), dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    # the state owns its tables: the kernels copy them from device-cached ones (no host-to-device
-    # copy, which would wait for the kernel, and no clone launches); reading the mean back (or
-    # the scan) is the one sync
-    code = torch.empty(16, dtype=torch.float32, device=x.device)
-    code2 = torch.empty(256, dtype=torch.float32, device=x.device) if double_quant else None
+    packed = torch.empty((nbytes, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=dev)
     eligible = _ALL if nbytes % 4 == 0 else _BYTES
     _quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
-            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, x.device),
-            (_code_on(quant_type, x.device), code), n, nblocks, BS=blocksize,
-            HAS_ORDER=quant_type != "nf4")
+            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, dev), n, nblocks,
+            BS=blocksize)
+    # launched first: the rest of the host work overlaps the 4-bit kernel. The state owns its
+    # tables: the 8-bit kernel copies both from device-cached ones (no host-to-device copy,
+    # which would wait for the kernels); reading the mean back (or the scan) is the one sync
+    code4 = _code_on(quant_type, dev)
+    if double_quant:
+        code = torch.empty(16, dtype=torch.float32, device=dev)
+        code2 = torch.empty(256, dtype=torch.float32, device=dev)
+
+        def quantize8(a, c2, bs, rounding, offset):
+            return _quant8_minus_offset(a, c2, bs, rounding, offset, (code4, code))
+    else:
+        code, code2, quantize8 = code4.clone(), None, _quant8_minus_offset
     state = build_state(absmax, w, blocksize, quant_type, double_quant, nested_rounding,
-                        quantize8=_quant8_minus_offset, fused_offset=True, code=code, code2=code2)
+                        quantize8=quantize8, fused_offset=True, code=code, code2=code2)
     check_finite_absmax(absmax, mean=state.offset if double_quant else None)
     return packed, state
 

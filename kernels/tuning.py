@@ -54,7 +54,7 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 class Candidate(NamedTuple):
-    variant: str          # quant: "words", "words1", "bytes", "bytes_tree"; dequant: "tile1", ...
+    variant: str          # quant: "words", "words1", "bytes"; dequant: "tile1", ...
     launch: Callable
     consts: dict          # variant constexprs
     elems: int            # elements per program

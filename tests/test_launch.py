@@ -71,6 +71,7 @@ class _FakeKernel:
 
 def test_hits_reuse_the_kernel_and_new_specializations_miss(monkeypatch):
     monkeypatch.setattr(L, "_fast_device", lambda first: 0)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     L.clear_cache()
     fn = _FakeKernel()
     x = torch.empty(64)
@@ -106,7 +107,7 @@ def test_switched_off_and_cpu_take_the_jit_path(monkeypatch):
     assert [e[0] for e in fn.log] == ["jit", "jit"] and not L._cache
     cuda_like = torch.empty(0)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(L, "_current_device", lambda: 3)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("PEFTLAB_FAST_LAUNCH", raising=False)
     assert L._fast_device(cuda_like) == 3
@@ -143,4 +144,26 @@ def test_real_kernel_results_through_both_paths(device):
         torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
     if device == "cuda":   # the last two cases hit the entries of the first and third
         assert len(L._cache) == 4
+        assert all(entry[-1] is not None for entry in L._cache.values())  # direct launcher calls
     L.clear_cache()
+
+
+def test_the_direct_call_matches_this_tritons_runner_and_yields_to_hooks(monkeypatch):
+    """A hit calls ``compiled.run`` as Triton's own runner does (checked against its source, so
+    a Triton whose runner changed falls back to ``compiled[grid]``), and only while no launch
+    hook is registered (a profiler's hook must still see every launch)."""
+    from triton import knobs
+
+    assert L.runner_is_plain()
+    assert L._hooks_idle()
+    hook = lambda metadata: None  # noqa: E731
+    if hasattr(knobs.runtime.launch_enter_hook, "add"):      # Triton 3.6+: a HookChain
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            assert not L._hooks_idle()
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+        assert not L._hooks_idle()
+    assert L._hooks_idle()

@@ -3,7 +3,7 @@
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so every
 case here is small; on a CUDA machine the same cases also run on the GPU, plus larger shapes.
 Bit-exact means identical bit patterns (so -0.0 vs +0.0 and bf16 rounding are caught). Every
-kernel variant (quantize: ``bytes``, ``words``, ``words1``, ``bytes_tree``; dequantize: ``bytes``,
+kernel variant (quantize: ``bytes``, ``words``, ``words1``; dequantize: ``bytes``,
 ``tile``, ``tile1``) is forced in turn, including the fallbacks to ``bytes`` where the word
 kernels do not apply.
 """
@@ -204,7 +204,7 @@ def test_bench_quant_smoke(tmp_path):
     ops = {(r["shape"], r["op"], r["impl"]) for r in rows}
     assert ("64x128", "dequant", "peftlab") in ops and ("33x130", "quant", "peftlab") in ops
     assert all(float(r["ms"]) > 0 and r["gpu"] and r["v_torch"] for r in rows)
-    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "bytes_tree", "tile", "tile1")
+    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "tile", "tile1")
                for r in rows if r["impl"] == "peftlab")
     with open(tmp_path / f"bench_quant_check{suffix}.csv") as f:
         checks = list(csv.DictReader(f))
@@ -212,7 +212,7 @@ def test_bench_quant_smoke(tmp_path):
                                     for c in checks)
 
 
-QUANT_VARIANTS = ["bytes", "words", "words1", "bytes_tree"]
+QUANT_VARIANTS = ["bytes", "words", "words1"]
 DEQUANT_VARIANTS = ["bytes", "tile", "tile1"]
 VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 == 0 -> words
     ("nf4", True, torch.bfloat16, (3, 1000), 64),       # ragged last block (3000 % 64 = 56)
@@ -227,7 +227,7 @@ VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 
 
 
 def _expected(variant, eligible):
-    return variant if eligible or variant == "bytes_tree" else "bytes"
+    return variant if eligible else "bytes"
 
 
 def _small_tiles(device):
@@ -267,12 +267,13 @@ def test_forced_dequant_variants_match_reference(device, variant, quant_type, do
 
 def _edge_weight(device):
     """Blocks of 64 led by +-1, so that the normalised values are the weights themselves: every
-    cell edge k/16 and every NF4/FP4 decision bound, each +-2 ulps, both signs, values near 0;
-    then a subnormal block and a ragged last block (which divides instead of multiplying)."""
+    cell edge (k + 1/2)/16 (round half to even decides them), every k/16, every NF4/FP4
+    decision bound, each +-2 ulps, both signs, values near 0; then a subnormal block and a
+    ragged last block (which divides instead of multiplying)."""
     from peftlab.quant.codes import decision_bounds, get_code
 
     f32 = torch.float32
-    centre = torch.cat([torch.arange(17, dtype=f32) / 16]
+    centre = torch.cat([torch.arange(33, dtype=f32) / 32]
                        + [decision_bounds(get_code(qt))[0].abs() for qt in ("nf4", "fp4")])
     up1 = torch.nextafter(centre, torch.tensor(2.0))
     dn1 = torch.nextafter(centre, torch.tensor(-2.0))
@@ -298,6 +299,31 @@ def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type):
             ker_q, ker_s = quantize_4bit_triton(w, 64, quant_type, False)
         assert_bit_equal(ker_q, ref_q)
         assert_states_equal(ker_s, ref_s)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
+    """The quantizer's cell tables against ``order[#(bounds < s)]``, at both ends of every run of
+    floats that shares a cell and +-1 ulp around every bound (NumPy twin of the kernel's cell:
+    the kernel side is covered by the edge weights above; a full sweep of the 2**31 floats in
+    [-1, 1] was run when the tables were written)."""
+    import numpy as np
+    from peftlab.kernels import quant4bit as q4
+    from peftlab.quant.codes import decision_bounds, get_code
+
+    thr, codes, signed = (t.numpy() if hasattr(t, "numpy") else t
+                          for t in q4._cell_tables(quant_type))
+    assert signed == (quant_type == "nf4")            # FP4's bounds around 0 need the sign split
+    cell = lambda v: q4._cell_np(v, signed)           # noqa: E731
+    runs = q4._cell_runs(cell)
+    assert sorted(c for c, _, _ in runs) == list(range(32))   # 32 cells, one run each
+    b, order = (t.numpy() for t in decision_bounds(get_code(quant_type)))
+    keys = np.array([k for _, a, e in runs for k in (a, e)] +
+                    [k + d for k in q4._order_key(b) for d in (-1, 0, 1)])
+    s = q4._key_float(keys)
+    c = cell(s)
+    got = np.where(s > thr[c], codes[c] >> 4, codes[c] & 15)
+    assert np.array_equal(got, order[np.searchsorted(b, s, side="left")])
 
 
 @pytest.mark.parametrize("device", DEVICES)
