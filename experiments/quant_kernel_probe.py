@@ -108,9 +108,9 @@ def tables():
     entries (steps 4, 5); the same as float thresholds and byte codes (steps 6, 7)."""
     import peftlab.kernels.quant4bit as q4
 
-    old = _packed8(*q4._cell_tables("nf4", _floor_cell), 64)
-    split = q4._cell_tables("nf4", lambda v: q4._cell_np(v, False))
-    signed = q4._cell_tables("nf4", lambda v: q4._cell_np(v, True))
+    old = _packed8(*q4._cell_table_for("nf4", _floor_cell), 64)
+    split = q4._cell_table_for("nf4", lambda v: q4._cell_np(v, False))
+    signed = q4._cell_table_for("nf4", lambda v: q4._cell_np(v, True))
     c32 = torch.cat([_packed8(*split, 32), _packed8(*signed, 32)])
     t32 = torch.cat([split[0], signed[0]])
     g32 = torch.cat([split[1], signed[1]])

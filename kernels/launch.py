@@ -4,26 +4,32 @@ Triton's JIT launch does, on every call: bind the arguments, derive the kernel's
 *specialization* from each of them (a tensor's dtype and whether its address is 16-byte
 aligned; an integer's width, whether it is divisible by 16, whether it equals 1), build a cache
 key from that and the stringified options, look the compiled kernel up, check the globals it
-captured, and only then call the compiled launcher. Skipping that measured 5-17 us less host
-time per ``quantize_4bit`` call (two launches) and 1-7 us per ``dequantize_4bit`` call on the
-H200's hosts (``experiments/quant_probe.py``, interleaved A/B); the C launcher and torch's own
-ops are the rest.
+captured, and only then call the compiled launcher (the runner), which on Triton 3.6 also
+builds a launch-metadata object, calls the (empty) launch hooks and, per tensor, calls
+``data_ptr()`` and ``cuPointerGetAttribute``.
 
 ``launch(fn, grid, *args, **meta)`` keeps its own cache per kernel: the key is the same
 properties of the runtime arguments, computed in a few attribute reads per argument (``arg_key``;
 ``tests/test_launch.py`` checks on a battery of values that it separates everything Triton's
-own specializer separates), plus the constexprs and options in ``meta`` and the device. A miss
-launches through the JIT (which compiles or finds the kernel) and keeps the CompiledKernel it
-returns. A hit calls the compiled kernel's launcher itself, as the kernel's own runner
-(``compiled[grid](*args)``) does, minus what that costs when nothing uses it: no launch hooks
-(while none is registered) and no launch-metadata object, and tensors passed as their device
-addresses (plain ints: the C launcher then skips a ``data_ptr()`` call and a
-``cuPointerGetAttribute`` per tensor; a tensor not on CUDA takes the JIT path and its error).
-Measured on an H200 host (``experiments/quant_probe.py``, 11 arguments): Triton's JIT launch
-31 us, the runner 15 us, the launcher with hooks off 8.6 us, with int pointers 5.5 us. The direct
-call is used only when the installed Triton's runner makes exactly that call (checked once from
-its source); otherwise hits go through ``compiled[grid]``. The interpreter (``TRITON_INTERPRET=1``),
-CPU tensors and ``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time.
+own specializer separates), plus the constexprs and options in ``meta`` (by value and type:
+True, 1 and 1.0 differ to Triton) and the device. A miss launches through the JIT (which
+compiles or finds the kernel) and keeps the CompiledKernel it returns. A hit calls the compiled
+kernel's launcher itself, as the runner (``compiled[grid](*args)``) does, minus what that costs
+when nothing uses it: no hooks while none is registered, no launch-metadata object, tensors as
+their device addresses (plain ints). Only a tensor on another device than the current one would
+have been caught by the pointer check it skips, so such a tensor (or one not on CUDA) takes
+the JIT path and gets Triton's error. The direct call is used only when the installed Triton's
+runner makes exactly that call (checked once from its source); otherwise hits go through
+``compiled[grid]``. The interpreter (``TRITON_INTERPRET=1``), CPU tensors and
+``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time.
+
+Measured (``experiments/quant_probe.py``'s ``launch_costs``, one launch of the 8-bit kernel with
+11 arguments, GPU idle, two H200 hosts, ``results/logs/h200_launch_costs_s14_direct.log`` and
+``..._final.log``): Triton's JIT launch 18.6 / 32.5 us, the runner 9.0 / 15.7 us, the launcher
+with hooks off 6.3 / 11.1 us and with int pointers 4.8 / 8.3 us; ``launch`` as a whole 14.9 /
+26.4 us (its own device lookup, environment reads and key are the rest). Not in the key, as in
+Triton's JIT cache they are: ``TRITON_DEBUG``, instrumentation modes and changed globals the
+kernel captured (none of ours do).
 """
 from __future__ import annotations
 
@@ -31,9 +37,13 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from triton import knobs
 
 from .tuning import _interpreting
+
+try:
+    from triton import knobs
+except ImportError:   # Triton < 3.3: hooks live elsewhere; hits take compiled[grid]
+    knobs = None
 
 _I32 = (-(1 << 31), 1 << 31)
 
@@ -93,6 +103,8 @@ def _direct(compiled) -> bool:
 
 def _hooks_idle() -> bool:
     """No launch hook registered (Triton 3.6 keeps them in ``HookChain``s; older: None)."""
+    if knobs is None:
+        return False
     rt = knobs.runtime
     return all(h is None or not getattr(h, "calls", True)
                for h in (rt.launch_enter_hook, rt.launch_exit_hook))
@@ -109,7 +121,7 @@ def launch(fn, grid: Tuple[int, ...], *args, **meta) -> None:
     spec, vals = [], []
     for a in args:
         if isinstance(a, torch.Tensor):
-            if not a.is_cuda:                    # Triton's own error names the argument
+            if not a.is_cuda or a.get_device() != device:   # Triton's error names it
                 fn[grid](*args, **meta)
                 return
             p = a.data_ptr()

@@ -65,7 +65,8 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
 
 ``quantize_4bit_triton`` launches the 4-bit kernel first, then (while it runs) the mean and the
 fused 8-bit kernel, whose program 0 also copies both code tables into the new state's own
-tensors (no clone launches), then reads the mean back: absmax >= 0, so a finite mean proves
+tensors (no clone launches; without double quantization the 4-bit table is cloned), then reads
+the mean back: absmax >= 0, so a finite mean proves
 every block finite; only a non-finite mean scans absmax for the offending block (the
 reference's error). Without double quantization it scans absmax (isfinite, any: the one sync).
 At the middle sizes the call is bound by host time, not by its kernels (about 90 us of GPU time
@@ -455,22 +456,25 @@ def _cell_runs(cell, lim: float = 1.0001):
     return [(at(a), a, e) for a, e in zip(starts, ends)]
 
 
-def _cell_tables(quant_type: str, cell=None):
-    """``(thresholds float32 [C], codes uint8 [C], signed)``: the quantizer's lookup by cell.
+def _cell_tables(quant_type: str):
+    """``(thresholds float32 [32], codes uint8 [32], signed)``: the quantizer's lookup by cell
+    (``_cell_table_for``) with signed cells (one gather fewer instructions) where every two
+    decision bounds are more than 1/16 apart, NF4 (0.085 at least); FP4's three bounds around 0
+    (-1/384, 0, 1/384) need the split by sign, where s <= 0 never passes the bound 0 and s > 0
+    always does."""
+    try:
+        return _cell_table_for(quant_type, lambda v: _cell_np(v, True)) + (True,)
+    except RuntimeError:
+        return _cell_table_for(quant_type, lambda v: _cell_np(v, False)) + (False,)
 
-    ``cell`` (default: ``_cell_np`` signed, else split) maps float32 ``s`` to the kernel's cell.
-    Over the floats of one cell ``#(bounds < s)`` takes at most two values; the entry holds the
-    bound ``t`` where it steps (+inf if it does not) and the codes ``lo | hi << 4`` (FP4's order
-    applied): the kernel emits ``s > t ? hi : lo``, exactly ``order[#(bounds < s)]``. Signed cells
-    (one gather fewer instructions) need every two bounds more than 1/16 apart: NF4 (0.085 at
-    least); FP4's three bounds around 0 (-1/384, 0, 1/384) need the split by sign, where s <= 0
-    never passes the bound 0 and s > 0 always does. Raises if a cell is not one run of floats
-    or holds two steps."""
-    if cell is None:
-        try:
-            return _cell_tables(quant_type, lambda v: _cell_np(v, True)) + (True,)
-        except RuntimeError:
-            return _cell_tables(quant_type, lambda v: _cell_np(v, False)) + (False,)
+
+def _cell_table_for(quant_type: str, cell):
+    """``(thresholds float32 [C], codes uint8 [C])`` for the cell function ``cell`` (float32
+    ``s`` -> the kernel's cell index, NumPy). Over the floats of one cell ``#(bounds < s)`` takes
+    at most two values: the entry holds the bound ``t`` where it steps (+inf if it does not) and
+    the codes ``lo | hi << 4`` (FP4's order applied): the kernel emits ``s > t ? hi : lo``,
+    exactly ``order[#(bounds < s)]``. Raises RuntimeError if a cell is not one run of floats or
+    holds two steps."""
     bounds, order = decision_bounds(get_code(quant_type))
     b, order = bounds.numpy(), order.numpy()
     runs = _cell_runs(cell)

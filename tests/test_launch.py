@@ -72,6 +72,7 @@ class _FakeKernel:
 def test_hits_reuse_the_kernel_and_new_specializations_miss(monkeypatch):
     monkeypatch.setattr(L, "_fast_device", lambda first: 0)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     L.clear_cache()
     fn = _FakeKernel()
     x = torch.empty(64)
@@ -95,6 +96,12 @@ def test_hits_reuse_the_kernel_and_new_specializations_miss(monkeypatch):
     L.clear_cache()
     for _ in range(2):                  # a constexpr passed by position: never cached
         L.launch(fn, (1,), x, 32, 128, MODE=True)
+    assert [e[0] for e in fn.log[-2:]] == ["jit", "jit"] and not L._cache
+    # a tensor on another device than the current one: the JIT path, whose pointer check
+    # raises (the direct call would pass its address unchecked)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)
+    for _ in range(2):
+        L.launch(fn, (1,), x, 32, BLOCK=128, MODE=True)
     assert [e[0] for e in fn.log[-2:]] == ["jit", "jit"] and not L._cache
 
 
