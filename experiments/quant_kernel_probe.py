@@ -9,8 +9,9 @@
      4  cells of round(16 |s|) split by sign, one 8-byte gather from 32 entries
      5  cells of round(16 s) (signed; NF4 only), one 8-byte gather from 32 entries
      6  as 4, two 1-line gathers: float32 threshold and byte codes (FP4's kernel since session 14)
-     7  as 5, two 1-line gathers (NF4's kernel since session 14)
-   Steps 3-7 are checked bit for bit. Session 14 on the H200, 4096x14336, 32 blocks x 4 warps:
+     7  as 5, two 1-line gathers (NF4's kernel for part of session 14)
+     8  NF4's count guessed by a cubic, one 1-line gather (NF4's kernel since session 14)
+   Steps 3-8 are checked bit for bit. Session 14 on the H200, 4096x14336, 32 blocks x 4 warps:
    50.5 / 51.1 / 62.8 / 85.0 / 83.6 / 80.5 / 83.9 / 78.6 us (logs/h200_quant_kernel_probe_s14.log).
 2. Software pipelining (Triton's ``num_stages``, cp.async) in a persistent loop, STEP 3 (session
    13: 5-10x slower; kept to reproduce the negative result).
@@ -41,7 +42,7 @@ def _or(a, b):
 
 @triton.jit
 def _q4pipe(x_ptr, words_ptr, absmax_ptr, cells_ptr, small_ptr, t32_ptr, g32_ptr, c32_ptr,
-            n, nwords, nblocks, ntiles,
+            p32_ptr, n, nwords, nblocks, ntiles,
             BS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
             STEP: tl.constexpr):
     pid = tl.program_id(0)
@@ -68,6 +69,10 @@ def _q4pipe(x_ptr, words_ptr, absmax_ptr, cells_ptr, small_ptr, t32_ptr, g32_ptr
             e = tl.load(cells_ptr + c)
             hw = (e >> 32).to(tl.int32)
             q = tl.where(s > e.to(tl.int32).to(tl.float32, bitcast=True), hw >> 8, hw & 255)
+        elif STEP == 8:         # NF4's count guess by a cubic, one 1-line gather
+            f = ((-4.25 * s + 0.58) * s + 11.35) * s + 6.63
+            g1 = (f + 12582913.0).to(tl.int32, bitcast=True) & 31
+            q = tl.where(s > tl.load(p32_ptr + g1), g1, g1 - 1)
         else:
             if STEP % 2 == 0:   # 4, 6: cells of round(16 |s|), split by sign
                 r = (tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31
@@ -95,6 +100,12 @@ def _floor_cell(v):
     return ((np.abs(v) * np.float32(16)).astype(np.int32) + np.where(v > 0, 32, 0)) & 63
 
 
+def _signed_cell(v):
+    """Cells of ``round(16 s)`` (32, no sign split: NF4 only): ``min(round(16 s) + 16, 31)``."""
+    v = np.asarray(v, dtype=np.float32)
+    return np.minimum((v * np.float32(16) + np.float32(12582928.0)).view(np.int32) & 63, 31)
+
+
 def _packed8(thr, codes, size):
     """One int64 entry per cell: threshold bits | (lo | hi << 8) << 32 (the step-3/4/5 form)."""
     e = torch.zeros(size, dtype=torch.int64)
@@ -109,12 +120,13 @@ def tables():
     import peftlab.kernels.quant4bit as q4
 
     old = _packed8(*q4._cell_table_for("nf4", _floor_cell), 64)
-    split = q4._cell_table_for("nf4", lambda v: q4._cell_np(v, False))
-    signed = q4._cell_table_for("nf4", lambda v: q4._cell_np(v, True))
+    split = q4._cell_table_for("nf4", q4._cell_np)
+    signed = q4._cell_table_for("nf4", _signed_cell)
     c32 = torch.cat([_packed8(*split, 32), _packed8(*signed, 32)])
     t32 = torch.cat([split[0], signed[0]])
     g32 = torch.cat([split[1], signed[1]])
-    return tuple(t.cuda() for t in (old, c32, t32, g32))
+    poly = q4._poly_table("nf4")[1]
+    return tuple(t.cuda() for t in (old, c32, t32, g32, poly))
 
 
 def main() -> None:
@@ -133,7 +145,7 @@ def main() -> None:
         words = torch.empty(n // 8, dtype=torch.int32, device="cuda")
         am = torch.empty(nblocks, device="cuda")
         small = torch.arange(16, dtype=torch.int32, device="cuda")
-        cells, c32, t32, g32 = tables()
+        cells, c32, t32, g32, p32 = tables()
         moved = 2 * n + n // 2 + 4 * nblocks
         print(f"\n{shape[0]}x{shape[1]} ({R} replicas)")
 
@@ -141,7 +153,7 @@ def main() -> None:
             ntiles = nblocks // rows
 
             def fn(r):
-                _q4pipe[(nprog or ntiles,)](xs[r], words, am, cells, small, t32, g32, c32, n, n // 8, nblocks,
+                _q4pipe[(nprog or ntiles,)](xs[r], words, am, cells, small, t32, g32, c32, p32, n, n // 8, nblocks,
                                             ntiles, BS=64, ROWS=rows, STAGES=stages, STEP=step,
                                             num_warps=warps)
             words.fill_(0)
@@ -155,7 +167,7 @@ def main() -> None:
                   f"{exact}")
 
         for rows, warps in ((16, 4), (32, 4), (32, 8)):
-            for step in range(8):
+            for step in range(9):
                 run(rows, 1, step, 0, warps)
         if "--pipeline" in sys.argv:
             for stages in (1, 3):

@@ -43,17 +43,25 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ragged last block divides, as the reference, and only the program holding it pays for the
   division; an all-zero block scales by 0). No clamp to [-1, 1]: all decision bounds lie
   inside, so the index is unchanged. The code ``order[#(bounds < s)]`` (nearest level, ties
-  to the lower one) comes from a cell table (``_cell_tables``): the cell of ``s`` is
-  ``round(16 s)`` (NF4, "signed": 32 cells) or ``round(16 |s|)`` split by sign (FP4, whose
-  three bounds around 0 are closer than a cell), computed by adding 1.5 * 2**23 (float ulp 1
-  there, so the integer lands in the low bits: no float-to-int conversion); within a cell the
-  count steps at most once, so two 1-line gathers, the cell's step bound ``t`` (float32, 128 B)
-  and its codes ``lo | hi << 4`` (32 B), give ``s > t ? hi : lo``. Exact for every float32
-  ``s`` in [-1.0001, 1.0001] (all 2.13e9 checked against the bounds when written; the tests
-  check both ends of every cell's run of floats and every bound +-1 ulp in NumPy, and the
-  kernels at every cell edge and bound +-2 ulps). The gather is what the kernel spends its L1
-  on: on the H200 (``experiments/quant_kernel_probe.py``, 4096x14336) traffic alone 50.5 us, the
-  cell index 51.1, session 13's 8-byte gather from a 64-entry table 85.0, these two 78.6.
+  to the lower one) comes without searching the 15 bounds: no per-weight float-to-int
+  conversion either (adding 1.5 * 2**23, where the float ulp is 1, rounds to an integer held in
+  the low bits), and as few gathers as possible, because gathers are what the kernel spends its
+  L1 on (Nsight Compute, session 13: L1/TEX 94 %).
+  - NF4 (``_poly_table``): the count is guessed by a cubic, ``g = round(f(s))``, f fitted to
+    the staircase so that g is the count or one less (f stays 0.38 inside that band for
+    every float), then ``q = g + [s > bounds[g]]``: three FMAs, one gather from a 128-byte
+    table. Its margin, not f's last bits, makes it exact, so FP fusion and the interpreter's
+    NumPy arithmetic give the same codes.
+  - FP4 (``_cell_tables``): its three bounds around 0 (-1/384, 0, 1/384) are too close for any
+    smooth guess, so a cell of ``round(16 |s|)`` split by sign (32 cells, within each the
+    count steps at most once) and two 1-line gathers, the cell's step bound ``t`` (float32,
+    128 B) and its codes ``lo | hi << 4`` (32 B): ``s > t ? hi : lo``.
+  Both are exact for every float32 ``s`` in [-1.0001, 1.0001] (all 2.13e9:
+  ``experiments/quant_exhaustive_check.py``); the tests check the tables at every cell run's
+  ends and the bounds +-8 ulps in NumPy, and the kernels at every cell edge and bound +-2 ulps.
+  On the H200 (``experiments/quant_kernel_probe.py``, 4096x14336, graph replays): traffic
+  alone 50.6 us, + the cell index 51.1, session 13's 8-byte gather from a 64-entry table 84.8,
+  FP4's two gathers 83.8 (78.5 for NF4 with cells of ``round(16 s)``), NF4's guess 65.0.
   Packing: ``bytes`` (``tl.split`` of pairs, uint8 stores) or ``words`` / ``words1``
   (``_pack8``: three ``tl.split`` levels, one int32 word per 8 codes in ``decode4bit.SHIFTS``
   order, stored through the byte pointer cast to int32; needs ``((n + 1) // 2) % 4 == 0``),
@@ -202,10 +210,14 @@ def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nblocks,
                    BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
-                   SIGNED: tl.constexpr):
+                   POLY: tl.constexpr, C3: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
+                   C0: tl.constexpr):
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
     through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
-    SIGNED: cells of ``round(16 s)``, else of ``round(16 |s|)`` split by sign (``_cell_tables``)."""
+    POLY: the count guessed by the cubic ``C3..C0`` and one threshold (``_poly_table``), else
+    cells of ``round(16 |s|)`` split by sign (``_cell_tables``). Compiled with FP fusion (the
+    cubic in three FMAs): no result depends on it (the guess has a margin; ``16 |s| + M`` is
+    exact before its one rounding; the normalisation is a lone product)."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
@@ -225,15 +237,19 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     if (pid + 1) * ROWS * BS > n:                                # ragged last block: divide
         s = tl.where(tail[:, None] & (am[:, None] > 0), tl.math.div_rn(x, amc[:, None]), s)
     # no clamp to [-1, 1]: every decision bound lies inside, so #(bounds < s) is unchanged
-    # the cell (``_cell_np``): adding 1.5 * 2**23 (float ulp 1 there) rounds 16 s, exact, once,
-    # to an integer in the low bits; & and min keep any float (NaN: its block raises) in range
-    if SIGNED:
-        c = tl.minimum((s * 16.0 + 12582928.0).to(tl.int32, bitcast=True) & 63, 31)
+    # adding 1.5 * 2**23 (float ulp 1 there) rounds to an integer held in the low bits; the
+    # masks keep any float (NaN: its block raises) inside the 32-entry tables
+    if POLY:
+        # g = round(f(s)) is #(bounds < s) or one less; + 1 in the magic: g + 1 indexes t
+        f = ((C3 * s + C2) * s + C1) * s + C0
+        g1 = (f + 12582913.0).to(tl.int32, bitcast=True) & 31
+        q = tl.where(s > tl.load(thr_ptr + g1), g1, g1 - 1)
     else:
+        # the cell (``_cell_np``): 16 |s| is exact, so it is rounded once
         c = (tl.minimum((tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31, 15)
              + tl.where(s > 0, 16, 0))
-    g = tl.load(codes_ptr + c).to(tl.int32)                      # lo | hi << 4
-    q = tl.where(s > tl.load(thr_ptr + c), g >> 4, g & 15)
+        g = tl.load(codes_ptr + c).to(tl.int32)                  # lo | hi << 4
+        q = tl.where(s > tl.load(thr_ptr + c), g >> 4, g & 15)
     if PACK == 0:
         ev, od = tl.split(tl.reshape(q, [ROWS, BS // 2, 2]))
         pidx = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
@@ -339,10 +355,11 @@ def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
 def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
     nbytes = (n + 1) // 2                      # words (PACK > 0): nbytes % 4 == 0, packed fresh
     rows = max(1, ELEMS // BS)
-    thr, codes, signed = tables
+    thr, codes, poly = tables
+    c3, c2, c1, c0 = poly or (0.0,) * 4
     launch(_quant4_kernel, (_cdiv(nblocks, rows),),
            x, packed, absmax, thr, codes, n, nbytes // 4 if PACK else nbytes, nblocks, BS=BS,
-           ROWS=rows, PACK=PACK, SIGNED=signed, enable_fp_fusion=False, **kw)
+           ROWS=rows, PACK=PACK, POLY=poly is not None, C3=c3, C2=c2, C1=c1, C0=c0, **kw)
 
 
 # ---- tuner --------------------------------------------------------------------------------
@@ -409,16 +426,12 @@ _MAGIC = 12582912.0   # 1.5 * 2**23: in [2**23, 2**24) the float ulp is 1, so x 
                       # x to an integer held in the low bits of its float32 pattern
 
 
-def _cell_np(s: np.ndarray, signed: bool) -> np.ndarray:
-    """The kernel's cell of normalised values ``s`` (float32 arithmetic, numpy twin).
-
-    split: ``min(round(16 |s|), 15) + 16 [s > 0]``; signed: ``min(round(16 s) + 16, 31)``
-    (round half to even: ``16 s`` is exact and adding ``_MAGIC`` rounds once)."""
+def _cell_np(s: np.ndarray) -> np.ndarray:
+    """The kernel's cell of normalised values ``s``, ``min(round(16 |s|), 15) + 16 [s > 0]``
+    (float32 arithmetic, NumPy twin; round half to even: ``16 |s|`` is exact and adding
+    ``_MAGIC`` rounds once)."""
     s = np.asarray(s, dtype=np.float32)
-    sixteen = np.float32(16)
-    if signed:
-        return np.minimum((s * sixteen + np.float32(_MAGIC + 16)).view(np.int32) & 63, 31)
-    r = (np.abs(s) * sixteen + np.float32(_MAGIC)).view(np.int32) & 31
+    r = (np.abs(s) * np.float32(16) + np.float32(_MAGIC)).view(np.int32) & 31
     return np.minimum(r, 15) + np.where(s > 0, 16, 0)
 
 
@@ -457,15 +470,48 @@ def _cell_runs(cell, lim: float = 1.0001):
 
 
 def _cell_tables(quant_type: str):
-    """``(thresholds float32 [32], codes uint8 [32], signed)``: the quantizer's lookup by cell
-    (``_cell_table_for``) with signed cells (one gather fewer instructions) where every two
-    decision bounds are more than 1/16 apart, NF4 (0.085 at least); FP4's three bounds around 0
-    (-1/384, 0, 1/384) need the split by sign, where s <= 0 never passes the bound 0 and s > 0
-    always does."""
-    try:
-        return _cell_table_for(quant_type, lambda v: _cell_np(v, True)) + (True,)
-    except RuntimeError:
-        return _cell_table_for(quant_type, lambda v: _cell_np(v, False)) + (False,)
+    """``(thresholds float32 [32], codes uint8 [32])``: the lookup by the sign-split cells of
+    ``_cell_np`` (``_cell_table_for``). Cells of ``round(16 s)`` without the split would save two
+    instructions but fail FP4, whose three bounds around 0 (-1/384, 0, 1/384) share a cell: split,
+    s <= 0 never passes the bound 0 and s > 0 always does."""
+    return _cell_table_for(quant_type, _cell_np)
+
+
+# NF4's count guess (the kernel's POLY path): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.38 or
+# more inside (#(bounds < s) - 1.5, #(bounds < s) + 0.5) for every s in [-1.0001, 1.0001]
+# (a cubic follows the normal-quantile staircase; fitted to the line through (bound_k, k))
+_POLY = {"nf4": (-4.25, 0.58, 11.35, 6.63)}
+
+
+def _poly_table(quant_type: str):
+    """``(coefficients, thresholds float32 [32])`` for the POLY path, or None.
+
+    The count of bounds below ``s``, q = #(bounds < s), is what the code is (NF4's order is the
+    identity). ``g = round(f(s))`` is q or q - 1, so ``q = g + [s > bounds[g]]``: one gather from
+    ``t[g + 1]`` (t = [-inf, bounds, +inf ...], 128 B) instead of a cell's threshold and codes.
+    Exactness needs only the margin, not f's last bits (fused or not, GPU or NumPy): checked
+    here on a dense grid and at every bound +-2 ulps (at least 0.25 required), and over all
+    2.13e9 floats in [-1.0001, 1.0001] when written (0 mismatches, margin 0.379)."""
+    coef = _POLY.get(quant_type)
+    if coef is None:
+        return None
+    b = decision_bounds(get_code(quant_type))[0].numpy()
+    near = [b]
+    for d in (np.inf, -np.inf):
+        x = b
+        for _ in range(2):
+            x = np.nextafter(x, np.float32(d))
+            near.append(x)
+    s = np.concatenate([np.linspace(-1.0001, 1.0001, 1 << 18, dtype=np.float32)] + near)
+    c3, c2, c1, c0 = (np.float32(c) for c in coef)
+    f = ((c3 * s + c2) * s + c1) * s + c0
+    q = np.searchsorted(b, s, side="left")
+    margin = float(np.minimum(f - (q - 1.5), (q + 0.5) - f).min())
+    if margin < 0.25:
+        raise RuntimeError(f"{quant_type}: the count guess leaves a margin of {margin:.3f}")
+    thr = np.full(32, np.inf, dtype=np.float32)
+    thr[0], thr[1:1 + len(b)] = -np.inf, b
+    return coef, torch.from_numpy(thr)
 
 
 def _cell_table_for(quant_type: str, cell):
@@ -492,9 +538,14 @@ def _cell_table_for(quant_type: str, cell):
 
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device):
-    """``_cell_tables`` on ``device`` (cached; never handed out)."""
-    thr, codes, signed = _cell_tables(quant_type)
-    return thr.to(device), codes.to(device), signed
+    """``(thresholds, codes, coefficients or None)`` on ``device``: the POLY path's table where
+    the code has one (NF4), else the cell tables (cached; never handed out)."""
+    poly = _poly_table(quant_type)
+    if poly is not None:
+        thr = poly[1].to(device)
+        return thr, thr, poly[0]
+    thr, codes = _cell_tables(quant_type)
+    return thr.to(device), codes.to(device), None
 
 
 @lru_cache(maxsize=None)

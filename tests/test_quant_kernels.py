@@ -301,6 +301,14 @@ def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type):
         assert_states_equal(ker_s, ref_s)
 
 
+def _nearest_code(quant_type, s):
+    import numpy as np
+    from peftlab.quant.codes import decision_bounds, get_code
+
+    b, order = (t.numpy() for t in decision_bounds(get_code(quant_type)))
+    return order[np.searchsorted(b, s, side="left")], b
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
     """The quantizer's cell tables against ``order[#(bounds < s)]``, at both ends of every run of
@@ -309,21 +317,40 @@ def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
     [-1, 1] was run when the tables were written)."""
     import numpy as np
     from peftlab.kernels import quant4bit as q4
-    from peftlab.quant.codes import decision_bounds, get_code
 
-    thr, codes, signed = (t.numpy() if hasattr(t, "numpy") else t
-                          for t in q4._cell_tables(quant_type))
-    assert signed == (quant_type == "nf4")            # FP4's bounds around 0 need the sign split
-    cell = lambda v: q4._cell_np(v, signed)           # noqa: E731
-    runs = q4._cell_runs(cell)
+    thr, codes = (t.numpy() for t in q4._cell_tables(quant_type))
+    runs = q4._cell_runs(q4._cell_np)
     assert sorted(c for c, _, _ in runs) == list(range(32))   # 32 cells, one run each
-    b, order = (t.numpy() for t in decision_bounds(get_code(quant_type)))
+    _, b = _nearest_code(quant_type, np.zeros(1, np.float32))
     keys = np.array([k for _, a, e in runs for k in (a, e)] +
                     [k + d for k in q4._order_key(b) for d in (-1, 0, 1)])
     s = q4._key_float(keys)
-    c = cell(s)
+    c = q4._cell_np(s)
     got = np.where(s > thr[c], codes[c] >> 4, codes[c] & 15)
-    assert np.array_equal(got, order[np.searchsorted(b, s, side="left")])
+    assert np.array_equal(got, _nearest_code(quant_type, s)[0])
+
+
+def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
+    """NF4's POLY path (NumPy twin, unfused float32: the GPU may fuse, the margin covers it):
+    ``g1 = round(f(s)) + 1``, code ``s > t[g1] ? g1 : g1 - 1``, against ``#(bounds < s)`` at
+    every bound +-8 ulps, +-0, +-1 and 2**20 random floats of [-1, 1]; FP4 has no such guess
+    (its bounds around 0 are closer than any cubic can follow)."""
+    import numpy as np
+    from peftlab.kernels import quant4bit as q4
+
+    coef, thr = q4._poly_table("nf4")
+    assert q4._poly_table("fp4") is None
+    thr = thr.numpy()
+    _, b = _nearest_code("nf4", np.zeros(1, np.float32))
+    rng = np.random.default_rng(0)
+    s = np.concatenate([q4._key_float(np.add.outer(q4._order_key(b), np.arange(-8, 9)).ravel()),
+                        np.array([0.0, -0.0, 1.0, -1.0, 1.0001, -1.0001], np.float32),
+                        rng.uniform(-1, 1, 1 << 20).astype(np.float32)])
+    c3, c2, c1, c0 = (np.float32(v) for v in coef)
+    f = ((c3 * s + c2) * s + c1) * s + c0
+    g1 = (f + np.float32(12582913.0)).view(np.int32) & 31
+    got = np.where(s > thr[g1], g1, g1 - 1)
+    assert np.array_equal(got, _nearest_code("nf4", s)[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
