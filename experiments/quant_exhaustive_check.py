@@ -1,15 +1,16 @@
 """Every float32 through the quantize kernel's coding step, against the nearest-level rule.
 
 The kernel codes a normalised weight ``s`` without searching the 15 decision bounds
-(kernels/quant4bit.py): NF4 guesses the count ``#(bounds < s)`` with a cubic and corrects it by
-one threshold (``_poly_table``), FP4 looks its cell of ``round(16 |s|)`` up (``_cell_tables``).
-This script runs both NumPy twins over all 2.13e9 floats in [-1.0001, 1.0001] (the kernel sees
-|s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for NF4 it also
-reports the smallest distance of the cubic from the edges of the band it must stay in
-(``#(bounds < s) - 1.5 .. + 0.5``; the unfused float32 evaluation, as NumPy computes it: the GPU
-may fuse, which moves f by ulps, far inside that margin). About 2.5 minutes per check on one core.
+(kernels/quant4bit.py): NF4 guesses the count ``#(bounds < s)`` with a cubic and corrects it
+by one threshold (``_poly_table``), FP4 looks its cell of ``round(16 |s|)`` up
+(``_cell_tables``).
+This script runs the NumPy twins over all 2.13e9 floats in [-1.0001, 1.0001] (the kernel sees
+|s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for the guesses it
+also reports the smallest distance of the cubic from the edges of the band it must stay in
+(the unfused float32 evaluation, as NumPy computes it: the GPU may fuse, which moves f by ulps,
+far inside that margin). About 2.5 minutes per check on one core.
 
-    python experiments/quant_exhaustive_check.py          # session 14: 0 mismatches, margin 0.379
+    python experiments/quant_exhaustive_check.py   # session 14: 0 mismatches, margin 0.379
     python experiments/quant_exhaustive_check.py --step 64   # every 64th float, seconds
 """
 import argparse
@@ -45,11 +46,8 @@ def sweep(coder, quant_type: str, step: int):
 
 def nf4_poly(s, count):
     coef, thr = q4._poly_table("nf4")
-    c3, c2, c1, c0 = (np.float32(c) for c in coef)
-    f = ((c3 * s + c2) * s + c1) * s + c0
-    g1 = (f + np.float32(12582913.0)).view(np.int32) & 31
-    got = np.where(s > thr.numpy()[g1], g1, g1 - 1)
-    return got, float(np.minimum(f - (count - 1.5), (count + 0.5) - f).min())
+    b = decision_bounds(get_code("nf4"))[0].numpy()
+    return q4._poly_codes(coef, thr.numpy(), s), q4._poly_margin(coef, b, s)
 
 
 def cells(quant_type):

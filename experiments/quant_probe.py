@@ -322,8 +322,52 @@ def launch_costs(calls: int = 2000) -> None:
         print(f"  {name:28s} {sorted(_host_us(f, calls, 50) for _ in range(3))[1]:6.2f}")
 
 
+def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))) -> None:
+    """The quantize kernel's coding paths, CUDA-graph replays of the ``words`` kernel alone (FP4:
+    cell tables; NF4: the count guess); then the whole quantize call, NF4 and FP4 with double
+    quantization, against bitsandbytes (eager, rotated inputs). Session 14 also ran an FP4
+    count guess here (kernel since removed): 143 us against the cells' 82 us at 4096x14336
+    (``results/logs/h200_quant_coding_paths_s14.log``)."""
+    import peftlab.kernels.quant4bit as q4
+    from bench_quant import bitsandbytes_cuda
+    from peftlab.quant import quantize_4bit
+
+    bf = bitsandbytes_cuda()
+    cand = next(c for c in q4._quant4.candidates if c.variant == "words" and c.elems == 2048)
+    print(f"\nquantize coding paths ({cand.describe()}, graph replays) and calls (eager):")
+    for shape in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        n, nblocks = w.numel(), w.numel() // 64
+        R = replicas(2 * n, True)
+        xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
+        absmax = torch.empty(nblocks, dtype=torch.float32, device="cuda")
+        paths = {"fp4 cells": q4._tables("fp4", w.device),
+                 "nf4 guess": q4._tables("nf4", w.device)}
+        line = []
+        for name, tables in paths.items():
+            def fn(r, tables=tables):
+                q4._quant4._run(cand, None, (xs[r], packed, absmax, tables, n, nblocks),
+                                dict(BS=64))
+            line.append(f"{name} {timed(fn, True, R)[0] * 1e3:6.1f} us")
+        ws = [w] + [w.clone() for _ in range(R - 1)]
+        for qt in ("nf4", "fp4"):
+            ours = rotated(lambda r: quantize_4bit(ws[r], 64, qt, True), R, True) * 1e3
+            text = f"{qt} call {ours:6.1f} us"
+            if bf is not None:
+                bnb = rotated(lambda r: bf.quantize_4bit(ws[r], blocksize=64, quant_type=qt,
+                                                         compress_statistics=True), R, True) * 1e3
+                text += f" (bnb {bnb:6.1f} us, {bnb / ours:.2f}x)"
+            line.append(text)
+        print(f"  {shape[0]}x{shape[1]}: " + "; ".join(line), flush=True)
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if "--coding-only" in sys.argv:
+        coding_paths()
+        return
     launch_costs()
     if "--launch-only" in sys.argv:
         return

@@ -491,7 +491,11 @@ def _poly_table(quant_type: str):
     ``t[g + 1]`` (t = [-inf, bounds, +inf ...], 128 B) instead of a cell's threshold and codes.
     Exactness needs only the margin, not f's last bits (fused or not, GPU or NumPy): checked
     here on a dense grid and at every bound +-2 ulps (at least 0.25 required), and over all
-    2.13e9 floats in [-1.0001, 1.0001] when written (0 mismatches, margin 0.379)."""
+    2.13e9 floats in [-1.0001, 1.0001] by ``experiments/quant_exhaustive_check.py`` (0
+    mismatches, margin 0.379). FP4 has no such path: its bounds around 0 (-1/384, 0, 1/384) are
+    closer than a cubic can follow; a guess of the magnitude's rank with the sign apart was
+    exact (margin 0.39) but its extra integer work made the kernel compute-bound, 143 us
+    against the cells' 82 us at 4096x14336 (``logs/h200_quant_coding_paths_s14.log``)."""
     coef = _POLY.get(quant_type)
     if coef is None:
         return None
@@ -503,15 +507,32 @@ def _poly_table(quant_type: str):
             x = np.nextafter(x, np.float32(d))
             near.append(x)
     s = np.concatenate([np.linspace(-1.0001, 1.0001, 1 << 18, dtype=np.float32)] + near)
-    c3, c2, c1, c0 = (np.float32(c) for c in coef)
-    f = ((c3 * s + c2) * s + c1) * s + c0
-    q = np.searchsorted(b, s, side="left")
-    margin = float(np.minimum(f - (q - 1.5), (q + 0.5) - f).min())
+    margin = _poly_margin(coef, b, s)
     if margin < 0.25:
         raise RuntimeError(f"{quant_type}: the count guess leaves a margin of {margin:.3f}")
     thr = np.full(32, np.inf, dtype=np.float32)
     thr[0], thr[1:1 + len(b)] = -np.inf, b
     return coef, torch.from_numpy(thr)
+
+
+def _poly_guess(coef, s: np.ndarray) -> np.ndarray:
+    """f(s) of the POLY path (NumPy, float32, unfused)."""
+    c3, c2, c1, c0 = (np.float32(c) for c in coef)
+    return ((c3 * s + c2) * s + c1) * s + c0
+
+
+def _poly_margin(coef, b: np.ndarray, s: np.ndarray) -> float:
+    """Smallest distance of f from the edges of its band over ``s``: round(f) must be
+    #(b < s) or one less."""
+    count = np.searchsorted(b, s, side="left")
+    f = _poly_guess(coef, s)
+    return float(np.minimum(f - (count - 1.5), (count + 0.5) - f).min())
+
+
+def _poly_codes(coef, thr: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The kernel's POLY path in NumPy (float32): codes of normalised values ``s``."""
+    g1 = (_poly_guess(coef, s) + np.float32(_MAGIC + 1)).view(np.int32) & 31
+    return np.where(s > thr[g1], g1, g1 - 1)
 
 
 def _cell_table_for(quant_type: str, cell):

@@ -331,26 +331,22 @@ def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
 
 
 def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
-    """NF4's POLY path (NumPy twin, unfused float32: the GPU may fuse, the margin covers it):
-    ``g1 = round(f(s)) + 1``, code ``s > t[g1] ? g1 : g1 - 1``, against ``#(bounds < s)`` at
-    every bound +-8 ulps, +-0, +-1 and 2**20 random floats of [-1, 1]; FP4 has no such guess
-    (its bounds around 0 are closer than any cubic can follow)."""
+    """NF4's POLY path (its NumPy twin ``_poly_codes``, unfused float32: the GPU may fuse, the
+    margin covers it) against ``#(bounds < s)`` at every bound +-8 ulps, +-0, +-1, the smallest
+    subnormals and 2**20 random floats of [-1, 1]; the margin it keeps; FP4 has no guess."""
     import numpy as np
     from peftlab.kernels import quant4bit as q4
 
     coef, thr = q4._poly_table("nf4")
     assert q4._poly_table("fp4") is None
-    thr = thr.numpy()
     _, b = _nearest_code("nf4", np.zeros(1, np.float32))
     rng = np.random.default_rng(0)
     s = np.concatenate([q4._key_float(np.add.outer(q4._order_key(b), np.arange(-8, 9)).ravel()),
-                        np.array([0.0, -0.0, 1.0, -1.0, 1.0001, -1.0001], np.float32),
+                        np.array([0.0, -0.0, 1.0, -1.0, 1.0001, -1.0001, 1e-45, -1e-45],
+                                 np.float32),
                         rng.uniform(-1, 1, 1 << 20).astype(np.float32)])
-    c3, c2, c1, c0 = (np.float32(v) for v in coef)
-    f = ((c3 * s + c2) * s + c1) * s + c0
-    g1 = (f + np.float32(12582913.0)).view(np.int32) & 31
-    got = np.where(s > thr[g1], g1, g1 - 1)
-    assert np.array_equal(got, _nearest_code("nf4", s)[0])
+    assert np.array_equal(q4._poly_codes(coef, thr.numpy(), s), _nearest_code("nf4", s)[0])
+    assert q4._poly_margin(coef, b, s) > 0.35
 
 
 @pytest.mark.parametrize("device", DEVICES)
