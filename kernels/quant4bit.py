@@ -74,14 +74,14 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
 ``quantize_4bit_triton`` launches the 4-bit kernel first, then (while it runs) the mean and the
 fused 8-bit kernel, whose program 0 also copies both code tables into the new state's own
 tensors (no clone launches; without double quantization the 4-bit table is cloned), then reads
-the mean back: absmax >= 0, so a finite mean proves
-every block finite; only a non-finite mean scans absmax for the offending block (the
-reference's error). Without double quantization it scans absmax (isfinite, any: the one sync).
-At the middle sizes the call is bound by host time, not by its kernels (about 90 us of GPU time
-at 4096x14336 against 100-180 us of CPU time, depending on the H200's host:
-``experiments/quant_probe.py``), so every launch goes through ``launch.launch`` (the compiled
-kernel's launcher called directly: 15-26 us per launch against Triton's 19-32 us) and the
-host side avoids torch view ops (a few us each: the word kernels cast the byte pointer).
+the mean back: absmax >= 0, so a finite mean proves every block finite; only a non-finite mean
+scans absmax for the offending block (the reference's error). Without double quantization it
+scans absmax (isfinite, any: the one sync). The call's host work (100-180 us on the H200's
+hosts, ``experiments/quant_probe.py``) is more than its kernels at the middle sizes (about 75
+us at 4096x14336), so what precedes the 4-bit launch is kept short, the rest overlaps that
+kernel, every launch goes through ``launch.launch`` (the compiled kernel's launcher called
+directly: 15-26 us per launch against Triton's 19-32 us) and no torch view op runs on the host
+(a few us each: the word kernels cast the byte pointer).
 
 Tuner: on CUDA each direction times every eligible (variant, elements per program, warps)
 candidate once per (blocksize, size bucket, dtype, ...) key with ``do_bench`` and keeps the
