@@ -5,10 +5,11 @@ The kernel codes a normalised weight ``s`` without searching the 15 decision bou
 by one threshold (``_poly_table``), FP4 looks its cell of ``round(16 |s|)`` up
 (``_cell_tables``).
 This script runs the NumPy twins over all 2.13e9 floats in [-1.0001, 1.0001] (the kernel sees
-|s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for the guesses it
+|s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for the guess it
 also reports the smallest distance of the cubic from the edges of the band it must stay in
 (the unfused float32 evaluation, as NumPy computes it: the GPU may fuse, which moves f by ulps,
-far inside that margin). About 2.5 minutes per check on one core.
+far inside that margin). The NF4 cell tables are checked too (a fallback the kernel does not
+take for NF4). 2.5-4 minutes per check on one core.
 
     python experiments/quant_exhaustive_check.py   # session 14: 0 mismatches, margin 0.379
     python experiments/quant_exhaustive_check.py --step 64   # every 64th float, seconds

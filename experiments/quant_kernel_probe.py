@@ -11,8 +11,9 @@
      6  as 4, two 1-line gathers: float32 threshold and byte codes (FP4's kernel since session 14)
      7  as 5, two 1-line gathers (NF4's kernel for part of session 14)
      8  NF4's count guessed by a cubic, one 1-line gather (NF4's kernel since session 14)
-   Steps 3-8 are checked bit for bit. Session 14 on the H200, 4096x14336, 32 blocks x 4 warps:
-   50.5 / 51.1 / 62.8 / 85.0 / 83.6 / 80.5 / 83.9 / 78.6 us (logs/h200_quant_kernel_probe_s14.log).
+   Steps 3-8 are checked bit for bit. Session 14 on the H200, 4096x14336, 32 blocks x 4 warps,
+   steps 0-8: 50.6 / 51.1 / 62.9 / 84.8 / 83.6 / 80.4 / 83.8 / 78.5 / 65.0 us
+   (logs/h200_quant_kernel_probe_s14_poly.log).
 2. Software pipelining (Triton's ``num_stages``, cp.async) in a persistent loop, STEP 3 (session
    13: 5-10x slower; kept to reproduce the negative result).
 
@@ -116,7 +117,8 @@ def _packed8(thr, codes, size):
 
 def tables():
     """NF4 tables: the 64-entry floor cells (step 3); split and signed round cells, 8-byte
-    entries (steps 4, 5); the same as float thresholds and byte codes (steps 6, 7)."""
+    entries (steps 4, 5); the same as float thresholds and byte codes (steps 6, 7); the count
+    guess's thresholds (step 8)."""
     import peftlab.kernels.quant4bit as q4
 
     old = _packed8(*q4._cell_table_for("nf4", _floor_cell), 64)

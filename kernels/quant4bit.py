@@ -41,14 +41,18 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   propagates it, as torch's amax does, so a NaN block fails the finite check). Normalisation
   by the correctly rounded reciprocal (``div_rn``; Triton's ``/`` is approximate on GPUs; the
   ragged last block divides, as the reference, and only the program holding it pays for the
-  division; an all-zero block scales by 0). No clamp to [-1, 1]: all decision bounds lie
+  division; an all-zero block scales by 0). A flushing division would zero the reciprocal of an
+  absmax above 2**126 and the subnormal quotients of a ragged block: ``div_rn`` lowers to
+  ``div.rn.f32`` (IEEE, no flush; Triton 3.9's PTX for sm_90, compiled on the CPU), and both
+  quantize kernels launch with ``enable_reflect_ftz=False`` so that no libdevice call could
+  flush either (``test_subnormal_reciprocals_and_quotients``; the interpreter never flushes). No clamp to [-1, 1]: all decision bounds lie
   inside, so the index is unchanged. The code ``order[#(bounds < s)]`` (nearest level, ties
   to the lower one) comes without searching the 15 bounds: no per-weight float-to-int
   conversion either (adding 1.5 * 2**23, where the float ulp is 1, rounds to an integer held in
   the low bits), and as few gathers as possible, because gathers are what the kernel spends its
   L1 on (Nsight Compute, session 13: L1/TEX 94 %).
   - NF4 (``_poly_table``): the count is guessed by a cubic, ``g = round(f(s))``, f fitted to
-    the staircase so that g is the count or one less (f stays 0.38 inside that band for
+    the staircase so that g is the count or one less (f stays 0.379 inside that band for
     every float), then ``q = g + [s > bounds[g]]``: three FMAs, one gather from a 128-byte
     table. Its margin, not f's last bits, makes it exact, so FP fusion and the interpreter's
     NumPy arithmetic give the same codes.
@@ -57,8 +61,9 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
     count steps at most once) and two 1-line gathers, the cell's step bound ``t`` (float32,
     128 B) and its codes ``lo | hi << 4`` (32 B): ``s > t ? hi : lo``.
   Both are exact for every float32 ``s`` in [-1.0001, 1.0001] (all 2.13e9:
-  ``experiments/quant_exhaustive_check.py``); the tests check the tables at every cell run's
-  ends and the bounds +-8 ulps in NumPy, and the kernels at every cell edge and bound +-2 ulps.
+  ``experiments/quant_exhaustive_check.py``); in NumPy the tests check the cell tables at every
+  run's ends and the bounds +-1 ulp and NF4's guess at the bounds +-8 ulps, and the kernels at
+  every cell edge and bound +-2 ulps.
   On the H200 (``experiments/quant_kernel_probe.py``, 4096x14336, graph replays): traffic
   alone 50.6 us, + the cell index 51.1, session 13's 8-byte gather from a 64-entry table 84.8,
   FP4's two gathers 83.8 (78.5 for NF4 with cells of ``round(16 s)``), NF4's guess 65.0.
@@ -359,7 +364,8 @@ def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
     c3, c2, c1, c0 = poly or (0.0,) * 4
     launch(_quant4_kernel, (_cdiv(nblocks, rows),),
            x, packed, absmax, thr, codes, n, nbytes // 4 if PACK else nbytes, nblocks, BS=BS,
-           ROWS=rows, PACK=PACK, POLY=poly is not None, C3=c3, C2=c2, C1=c1, C0=c0, **kw)
+           ROWS=rows, PACK=PACK, POLY=poly is not None, C3=c3, C2=c2, C1=c1, C0=c0,
+           enable_fp_fusion=True, enable_reflect_ftz=False, **kw)
 
 
 # ---- tuner --------------------------------------------------------------------------------
@@ -477,7 +483,7 @@ def _cell_tables(quant_type: str):
     return _cell_table_for(quant_type, _cell_np)
 
 
-# NF4's count guess (the kernel's POLY path): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.38 or
+# NF4's count guess (the kernel's POLY path): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.379 or
 # more inside (#(bounds < s) - 1.5, #(bounds < s) + 0.5) for every s in [-1.0001, 1.0001]
 # (a cubic follows the normal-quantile staircase; fitted to the line through (bound_k, k))
 _POLY = {"nf4": (-4.25, 0.58, 11.35, 6.63)}
@@ -499,7 +505,11 @@ def _poly_table(quant_type: str):
     coef = _POLY.get(quant_type)
     if coef is None:
         return None
-    b = decision_bounds(get_code(quant_type))[0].numpy()
+    bounds, order = decision_bounds(get_code(quant_type))
+    if not torch.equal(order, torch.arange(len(order))):
+        raise RuntimeError(f"{quant_type}: the POLY path emits the count, so the code's order "
+                           f"must be the identity")
+    b = bounds.numpy()
     near = [b]
     for d in (np.inf, -np.inf):
         x = b
@@ -517,6 +527,7 @@ def _poly_table(quant_type: str):
 
 def _poly_guess(coef, s: np.ndarray) -> np.ndarray:
     """f(s) of the POLY path (NumPy, float32, unfused)."""
+    s = np.asarray(s, dtype=np.float32)
     c3, c2, c1, c0 = (np.float32(c) for c in coef)
     return ((c3 * s + c2) * s + c1) * s + c0
 
@@ -531,6 +542,7 @@ def _poly_margin(coef, b: np.ndarray, s: np.ndarray) -> float:
 
 def _poly_codes(coef, thr: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The kernel's POLY path in NumPy (float32): codes of normalised values ``s``."""
+    s = np.asarray(s, dtype=np.float32)
     g1 = (_poly_guess(coef, s) + np.float32(_MAGIC + 1)).view(np.int32) & 31
     return np.where(s > thr[g1], g1, g1 - 1)
 
@@ -597,7 +609,8 @@ def _quant8(flat, code, lut, blocksize, rounding, offset=None, code_out=None, co
            absmax if offset is None else offset, code if code_out is None else code_out,
            *code4, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
            HAS_OFFSET=offset is not None, COPY_CODE=code_out is not None,
-           COPY_CODE4=code4[1] is not code4[0], enable_fp_fusion=False, num_warps=4)
+           COPY_CODE4=code4[1] is not code4[0], enable_fp_fusion=False,
+           enable_reflect_ftz=False, num_warps=4)
     return codes, absmax
 
 

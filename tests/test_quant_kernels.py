@@ -182,6 +182,26 @@ def test_zero_blocks_and_ragged_zero_tail(device, quant_type):
     assert_bit_equal(dequantize_4bit_triton(kq, ks), dequantize_4bit_reference(rq, rs))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_subnormal_reciprocals_and_quotients(device, quant_type, double_quant):
+    """Where a flushing division (``div.rn.ftz``) would differ: a block led by 2**127 (its
+    reciprocal 2**-127 is subnormal), a block of subnormals (the 1e-38 floor), and a ragged last
+    block of subnormals, whose quotients by the floor are normal; both signs, both codes."""
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(64, generator=g) * 2.0 ** 126
+    big[0] = 2.0 ** 127
+    tiny = torch.linspace(-1, 1, 64) * 1e-39
+    tail = torch.linspace(-1, 1, 23) * 3e-39
+    w = torch.cat([torch.randn(64, generator=g), big, tiny, tail]).to(device)
+    rq, rs = quantize_4bit_reference(w, 64, quant_type, double_quant)
+    kq, ks = quantize_4bit_triton(w, 64, quant_type, double_quant)
+    assert_bit_equal(kq, rq)
+    assert_states_equal(ks, rs)
+    assert len(set(rq.view(-1)[32:64].tolist())) > 4          # the big block is not all one code
+
+
 def test_bench_quant_smoke(tmp_path):
     import csv
     import importlib.util
