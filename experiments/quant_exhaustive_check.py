@@ -2,8 +2,8 @@
 
 The kernel codes a normalised weight ``s`` without searching the 15 decision bounds
 (kernels/quant4bit.py): NF4 guesses the count ``#(bounds < s)`` with a cubic and corrects it
-by one threshold (``_poly_table``), FP4 looks its cell of ``round(16 |s|)`` up
-(``_cell_tables``).
+by one threshold (``quant4bit_tables.poly_table``), FP4 looks its cell of ``round(16 |s|)`` up
+(``cell_tables``).
 This script runs the NumPy twins over all 2.13e9 floats in [-1.0001, 1.0001] (the kernel sees
 |s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for the guess it
 also reports the smallest distance of the cubic from the edges of the band it must stay in
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab.kernels import quant4bit as q4  # noqa: E402
+from peftlab.kernels import quant4bit_tables as q4  # noqa: E402
 from peftlab.quant.codes import decision_bounds, get_code  # noqa: E402
 
 CHUNK = 1 << 26
@@ -32,11 +32,11 @@ CHUNK = 1 << 26
 def sweep(coder, quant_type: str, step: int):
     """(mismatches, smallest margin or None) of ``coder(s) -> (codes, margin or None)``."""
     b, order = (t.numpy() for t in decision_bounds(get_code(quant_type)))
-    lo = int(q4._order_key(np.float32(-1.0001)))
-    hi = int(q4._order_key(np.float32(1.0001)))
+    lo = int(q4.order_key(np.float32(-1.0001)))
+    hi = int(q4.order_key(np.float32(1.0001)))
     bad, margin = 0, None
     for a in range(lo, hi + 1, CHUNK * step):
-        s = q4._key_float(np.arange(a, min(a + CHUNK * step, hi + 1), step, dtype=np.int64))
+        s = q4.key_float(np.arange(a, min(a + CHUNK * step, hi + 1), step, dtype=np.int64))
         count = np.searchsorted(b, s, side="left")
         got, m = coder(s, count)
         bad += int((got != order[count]).sum())
@@ -46,16 +46,16 @@ def sweep(coder, quant_type: str, step: int):
 
 
 def nf4_poly(s, count):
-    coef, thr = q4._poly_table("nf4")
+    coef, thr = q4.poly_table("nf4")
     b = decision_bounds(get_code("nf4"))[0].numpy()
-    return q4._poly_codes(coef, thr.numpy(), s), q4._poly_margin(coef, b, s)
+    return q4.poly_codes(coef, thr.numpy(), s), q4.poly_margin(coef, b, s)
 
 
 def cells(quant_type):
-    thr, codes = (t.numpy() for t in q4._cell_tables(quant_type))
+    thr, codes = (t.numpy() for t in q4.cell_tables(quant_type))
 
     def coder(s, count):
-        c = q4._cell_np(s)
+        c = q4.cell_np(s)
         return np.where(s > thr[c], codes[c] >> 4, codes[c] & 15), None
     return coder
 

@@ -119,15 +119,15 @@ def tables():
     """NF4 tables: the 64-entry floor cells (step 3); split and signed round cells, 8-byte
     entries (steps 4, 5); the same as float thresholds and byte codes (steps 6, 7); the count
     guess's thresholds (step 8)."""
-    import peftlab.kernels.quant4bit as q4
+    import peftlab.kernels.quant4bit_tables as q4
 
-    old = _packed8(*q4._cell_table_for("nf4", _floor_cell), 64)
-    split = q4._cell_table_for("nf4", q4._cell_np)
-    signed = q4._cell_table_for("nf4", _signed_cell)
+    old = _packed8(*q4.cell_table_for("nf4", _floor_cell), 64)
+    split = q4.cell_table_for("nf4", q4.cell_np)
+    signed = q4.cell_table_for("nf4", _signed_cell)
     c32 = torch.cat([_packed8(*split, 32), _packed8(*signed, 32)])
     t32 = torch.cat([split[0], signed[0]])
     g32 = torch.cat([split[1], signed[1]])
-    poly = q4._poly_table("nf4")[1]
+    poly = q4.poly_table("nf4")[1]
     return tuple(t.cuda() for t in (old, c32, t32, g32, poly))
 
 

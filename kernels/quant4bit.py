@@ -45,25 +45,16 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   absmax above 2**126 and the subnormal quotients of a ragged block: ``div_rn`` lowers to
   ``div.rn.f32`` (IEEE, no flush; Triton 3.9's PTX for sm_90, compiled on the CPU), and both
   quantize kernels launch with ``enable_reflect_ftz=False`` so that no libdevice call could
-  flush either (``test_subnormal_reciprocals_and_quotients``; the interpreter never flushes). No clamp to [-1, 1]: all decision bounds lie
-  inside, so the index is unchanged. The code ``order[#(bounds < s)]`` (nearest level, ties
-  to the lower one) comes without searching the 15 bounds: no per-weight float-to-int
-  conversion either (adding 1.5 * 2**23, where the float ulp is 1, rounds to an integer held in
-  the low bits), and as few gathers as possible, because gathers are what the kernel spends its
-  L1 on (Nsight Compute, session 13: L1/TEX 94 %).
-  - NF4 (``_poly_table``): the count is guessed by a cubic, ``g = round(f(s))``, f fitted to
-    the staircase so that g is the count or one less (f stays 0.379 inside that band for
-    every float), then ``q = g + [s > bounds[g]]``: three FMAs, one gather from a 128-byte
-    table. Its margin, not f's last bits, makes it exact, so FP fusion and the interpreter's
-    NumPy arithmetic give the same codes.
-  - FP4 (``_cell_tables``): its three bounds around 0 (-1/384, 0, 1/384) are too close for any
-    smooth guess, so a cell of ``round(16 |s|)`` split by sign (32 cells, within each the
-    count steps at most once) and two 1-line gathers, the cell's step bound ``t`` (float32,
-    128 B) and its codes ``lo | hi << 4`` (32 B): ``s > t ? hi : lo``.
-  Both are exact for every float32 ``s`` in [-1.0001, 1.0001] (all 2.13e9:
-  ``experiments/quant_exhaustive_check.py``); in NumPy the tests check the cell tables at every
-  run's ends and the bounds +-1 ulp and NF4's guess at the bounds +-8 ulps, and the kernels at
-  every cell edge and bound +-2 ulps.
+  flush either (``test_subnormal_reciprocals_and_quotients``; the interpreter never flushes).
+  No clamp to [-1, 1]: all decision bounds lie inside, so the index is unchanged. The code
+  ``order[#(bounds < s)]`` (nearest level, ties to the lower one) comes without searching the
+  15 bounds and with as few gathers as possible, because gathers are what the kernel spends
+  its L1 on (Nsight Compute, session 13: L1/TEX 94 %), by tables built on the host
+  (``kernels/quant4bit_tables.py``): NF4 (POLY) guesses the count with a cubic, three FMAs and
+  one gather from a 128-byte table; FP4 looks up a cell of ``round(16 |s|)`` split by sign, two
+  1-line gathers. Exact for every float32 ``s`` in [-1.0001, 1.0001] (all 2.13e9:
+  ``experiments/quant_exhaustive_check.py``); the kernels are tested at every cell edge and
+  bound +-2 ulps.
   On the H200 (``experiments/quant_kernel_probe.py``, 4096x14336, graph replays): traffic
   alone 50.6 us, + the cell index 51.1, session 13's 8-byte gather from a 64-entry table 84.8,
   FP4's two gathers 83.8 (78.5 for NF4 with cells of ``round(16 s)``), NF4's guess 65.0.
@@ -108,7 +99,6 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import triton
 import triton.testing
@@ -116,13 +106,14 @@ import triton.language as tl
 
 from peftlab.quant.blockwise8 import (_check_dequant_args, check_quantize8_args, lut_table,
                                       num_blocks)
-from peftlab.quant.codes import decision_bounds, dynamic_map, get_code
+from peftlab.quant.codes import dynamic_map, get_code
 from peftlab.quant.functional import (build_state, check_dequantize_args, check_finite_absmax,
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
-from .matmul4bit_kernels import _block_absmax
 from .launch import launch
+from .matmul4bit_kernels import _block_absmax
+from .quant4bit_tables import cell_tables, poly_table
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -219,8 +210,8 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
                    C0: tl.constexpr):
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
     through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
-    POLY: the count guessed by the cubic ``C3..C0`` and one threshold (``_poly_table``), else
-    cells of ``round(16 |s|)`` split by sign (``_cell_tables``). Compiled with FP fusion (the
+    POLY: the count guessed by the cubic ``C3..C0`` and one threshold (``poly_table``), else
+    cells of ``round(16 |s|)`` split by sign (``cell_tables``; both in quant4bit_tables.py). Compiled with FP fusion (the
     cubic in three FMAs): no result depends on it (the guess has a margin; ``16 |s| + M`` is
     exact before its one rounding; the normalisation is a lone product)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -250,7 +241,7 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
         g1 = (f + 12582913.0).to(tl.int32, bitcast=True) & 31
         q = tl.where(s > tl.load(thr_ptr + g1), g1, g1 - 1)
     else:
-        # the cell (``_cell_np``): 16 |s| is exact, so it is rounded once
+        # the cell (``cell_np``): 16 |s| is exact, so it is rounded once
         c = (tl.minimum((tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31, 15)
              + tl.where(s > 0, 16, 0))
         g = tl.load(codes_ptr + c).to(tl.int32)                  # lo | hi << 4
@@ -428,156 +419,15 @@ def _word_aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() % 4 == 0 and t.data_ptr() % 4 == 0
 
 
-_MAGIC = 12582912.0   # 1.5 * 2**23: in [2**23, 2**24) the float ulp is 1, so x + _MAGIC rounds
-                      # x to an integer held in the low bits of its float32 pattern
-
-
-def _cell_np(s: np.ndarray) -> np.ndarray:
-    """The kernel's cell of normalised values ``s``, ``min(round(16 |s|), 15) + 16 [s > 0]``
-    (float32 arithmetic, NumPy twin; round half to even: ``16 |s|`` is exact and adding
-    ``_MAGIC`` rounds once)."""
-    s = np.asarray(s, dtype=np.float32)
-    r = (np.abs(s) * np.float32(16) + np.float32(_MAGIC)).view(np.int32) & 31
-    return np.minimum(r, 15) + np.where(s > 0, 16, 0)
-
-
-def _order_key(s):
-    """float32 -> int64 key in the floats' order (-0.0 just below +0.0)."""
-    u = np.asarray(s, dtype=np.float32).view(np.int32).astype(np.int64)
-    return np.where(u < 0, -(2 ** 31) - 1 - u, u)
-
-
-def _key_float(k):
-    k = np.asarray(k, dtype=np.int64)
-    u = np.where(k < 0, -(2 ** 31) - 1 - k, k)
-    return (u & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
-
-
-def _cell_runs(cell, lim: float = 1.0001):
-    """``[(cell, first key, last key)]``: the runs of equal cells over every float32 in
-    ``[-lim, lim]`` (|s| <= 1 + 2 ulps in the kernel), by bisection between 2**16 sampled keys
-    (cells are thousands of floats wide; the cell table rejects a cell met in two runs)."""
-    lo_k, hi_k = int(_order_key(np.float32(-lim))), int(_order_key(np.float32(lim)))
-    ks = np.unique(np.linspace(lo_k, hi_k, 1 << 16).astype(np.int64))
-    cs = cell(_key_float(ks))
-    at = lambda k: int(cell(_key_float(k)))  # noqa: E731
-    edges = []
-    for i in np.nonzero(cs[1:] != cs[:-1])[0]:
-        a, end = int(ks[i]), int(ks[i + 1])
-        while at(end) != at(a):                  # a change in (a, end]: find where
-            lo, hi = a, end
-            while hi - lo > 1:
-                m = (lo + hi) // 2
-                lo, hi = (m, hi) if at(m) == at(a) else (lo, m)
-            edges.append(hi)
-            a = hi
-    starts, ends = [lo_k] + edges, [e - 1 for e in edges] + [hi_k]
-    return [(at(a), a, e) for a, e in zip(starts, ends)]
-
-
-def _cell_tables(quant_type: str):
-    """``(thresholds float32 [32], codes uint8 [32])``: the lookup by the sign-split cells of
-    ``_cell_np`` (``_cell_table_for``). Cells of ``round(16 s)`` without the split would save two
-    instructions but fail FP4, whose three bounds around 0 (-1/384, 0, 1/384) share a cell: split,
-    s <= 0 never passes the bound 0 and s > 0 always does."""
-    return _cell_table_for(quant_type, _cell_np)
-
-
-# NF4's count guess (the kernel's POLY path): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.379 or
-# more inside (#(bounds < s) - 1.5, #(bounds < s) + 0.5) for every s in [-1.0001, 1.0001]
-# (a cubic follows the normal-quantile staircase; fitted to the line through (bound_k, k))
-_POLY = {"nf4": (-4.25, 0.58, 11.35, 6.63)}
-
-
-def _poly_table(quant_type: str):
-    """``(coefficients, thresholds float32 [32])`` for the POLY path, or None.
-
-    The count of bounds below ``s``, q = #(bounds < s), is what the code is (NF4's order is the
-    identity). ``g = round(f(s))`` is q or q - 1, so ``q = g + [s > bounds[g]]``: one gather from
-    ``t[g + 1]`` (t = [-inf, bounds, +inf ...], 128 B) instead of a cell's threshold and codes.
-    Exactness needs only the margin, not f's last bits (fused or not, GPU or NumPy): checked
-    here on a dense grid and at every bound +-2 ulps (at least 0.25 required), and over all
-    2.13e9 floats in [-1.0001, 1.0001] by ``experiments/quant_exhaustive_check.py`` (0
-    mismatches, margin 0.379). FP4 has no such path: its bounds around 0 (-1/384, 0, 1/384) are
-    closer than a cubic can follow; a guess of the magnitude's rank with the sign apart was
-    exact (margin 0.39) but its extra integer work made the kernel compute-bound, 143 us
-    against the cells' 82 us at 4096x14336 (``logs/h200_quant_coding_paths_s14.log``)."""
-    coef = _POLY.get(quant_type)
-    if coef is None:
-        return None
-    bounds, order = decision_bounds(get_code(quant_type))
-    if not torch.equal(order, torch.arange(len(order))):
-        raise RuntimeError(f"{quant_type}: the POLY path emits the count, so the code's order "
-                           f"must be the identity")
-    b = bounds.numpy()
-    near = [b]
-    for d in (np.inf, -np.inf):
-        x = b
-        for _ in range(2):
-            x = np.nextafter(x, np.float32(d))
-            near.append(x)
-    s = np.concatenate([np.linspace(-1.0001, 1.0001, 1 << 18, dtype=np.float32)] + near)
-    margin = _poly_margin(coef, b, s)
-    if margin < 0.25:
-        raise RuntimeError(f"{quant_type}: the count guess leaves a margin of {margin:.3f}")
-    thr = np.full(32, np.inf, dtype=np.float32)
-    thr[0], thr[1:1 + len(b)] = -np.inf, b
-    return coef, torch.from_numpy(thr)
-
-
-def _poly_guess(coef, s: np.ndarray) -> np.ndarray:
-    """f(s) of the POLY path (NumPy, float32, unfused)."""
-    s = np.asarray(s, dtype=np.float32)
-    c3, c2, c1, c0 = (np.float32(c) for c in coef)
-    return ((c3 * s + c2) * s + c1) * s + c0
-
-
-def _poly_margin(coef, b: np.ndarray, s: np.ndarray) -> float:
-    """Smallest distance of f from the edges of its band over ``s``: round(f) must be
-    #(b < s) or one less."""
-    count = np.searchsorted(b, s, side="left")
-    f = _poly_guess(coef, s)
-    return float(np.minimum(f - (count - 1.5), (count + 0.5) - f).min())
-
-
-def _poly_codes(coef, thr: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The kernel's POLY path in NumPy (float32): codes of normalised values ``s``."""
-    s = np.asarray(s, dtype=np.float32)
-    g1 = (_poly_guess(coef, s) + np.float32(_MAGIC + 1)).view(np.int32) & 31
-    return np.where(s > thr[g1], g1, g1 - 1)
-
-
-def _cell_table_for(quant_type: str, cell):
-    """``(thresholds float32 [C], codes uint8 [C])`` for the cell function ``cell`` (float32
-    ``s`` -> the kernel's cell index, NumPy). Over the floats of one cell ``#(bounds < s)`` takes
-    at most two values: the entry holds the bound ``t`` where it steps (+inf if it does not) and
-    the codes ``lo | hi << 4`` (FP4's order applied): the kernel emits ``s > t ? hi : lo``,
-    exactly ``order[#(bounds < s)]``. Raises RuntimeError if a cell is not one run of floats or
-    holds two steps."""
-    bounds, order = decision_bounds(get_code(quant_type))
-    b, order = bounds.numpy(), order.numpy()
-    runs = _cell_runs(cell)
-    size = 1 + max(c for c, _, _ in runs)
-    thr, codes, seen = np.full(size, np.inf, dtype=np.float32), np.zeros(size, np.uint8), set()
-    for c, first, last in runs:
-        lo, hi = (int((b < _key_float(k)).sum()) for k in (first, last))
-        if c in seen or hi - lo > 1:
-            raise RuntimeError(f"{quant_type}: cell {c} is split or holds {hi - lo} steps")
-        seen.add(c)
-        thr[c] = b[lo] if hi > lo else np.inf
-        codes[c] = int(order[lo]) | int(order[hi]) << 4
-    return torch.from_numpy(thr), torch.from_numpy(codes)
-
-
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device):
     """``(thresholds, codes, coefficients or None)`` on ``device``: the POLY path's table where
     the code has one (NF4), else the cell tables (cached; never handed out)."""
-    poly = _poly_table(quant_type)
+    poly = poly_table(quant_type)
     if poly is not None:
         thr = poly[1].to(device)
         return thr, thr, poly[0]
-    thr, codes = _cell_tables(quant_type)
+    thr, codes = cell_tables(quant_type)
     return thr.to(device), codes.to(device), None
 
 

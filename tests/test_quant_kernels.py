@@ -336,37 +336,37 @@ def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
     the kernel side is covered by the edge weights above; a full sweep of the 2**31 floats in
     [-1, 1] was run when the tables were written)."""
     import numpy as np
-    from peftlab.kernels import quant4bit as q4
+    from peftlab.kernels import quant4bit_tables as q4
 
-    thr, codes = (t.numpy() for t in q4._cell_tables(quant_type))
-    runs = q4._cell_runs(q4._cell_np)
+    thr, codes = (t.numpy() for t in q4.cell_tables(quant_type))
+    runs = q4.cell_runs(q4.cell_np)
     assert sorted(c for c, _, _ in runs) == list(range(32))   # 32 cells, one run each
     _, b = _nearest_code(quant_type, np.zeros(1, np.float32))
     keys = np.array([k for _, a, e in runs for k in (a, e)] +
-                    [k + d for k in q4._order_key(b) for d in (-1, 0, 1)])
-    s = q4._key_float(keys)
-    c = q4._cell_np(s)
+                    [k + d for k in q4.order_key(b) for d in (-1, 0, 1)])
+    s = q4.key_float(keys)
+    c = q4.cell_np(s)
     got = np.where(s > thr[c], codes[c] >> 4, codes[c] & 15)
     assert np.array_equal(got, _nearest_code(quant_type, s)[0])
 
 
 def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
-    """NF4's POLY path (its NumPy twin ``_poly_codes``, unfused float32: the GPU may fuse, the
+    """NF4's POLY path (its NumPy twin ``quant4bit_tables.poly_codes``, unfused float32: the GPU may fuse, the
     margin covers it) against ``#(bounds < s)`` at every bound +-8 ulps, +-0, +-1, the smallest
     subnormals and 2**20 random floats of [-1, 1]; the margin it keeps; FP4 has no guess."""
     import numpy as np
-    from peftlab.kernels import quant4bit as q4
+    from peftlab.kernels import quant4bit_tables as q4
 
-    coef, thr = q4._poly_table("nf4")
-    assert q4._poly_table("fp4") is None
+    coef, thr = q4.poly_table("nf4")
+    assert q4.poly_table("fp4") is None
     _, b = _nearest_code("nf4", np.zeros(1, np.float32))
     rng = np.random.default_rng(0)
-    s = np.concatenate([q4._key_float(np.add.outer(q4._order_key(b), np.arange(-8, 9)).ravel()),
+    s = np.concatenate([q4.key_float(np.add.outer(q4.order_key(b), np.arange(-8, 9)).ravel()),
                         np.array([0.0, -0.0, 1.0, -1.0, 1.0001, -1.0001, 1e-45, -1e-45],
                                  np.float32),
                         rng.uniform(-1, 1, 1 << 20).astype(np.float32)])
-    assert np.array_equal(q4._poly_codes(coef, thr.numpy(), s), _nearest_code("nf4", s)[0])
-    assert q4._poly_margin(coef, b, s) > 0.35
+    assert np.array_equal(q4.poly_codes(coef, thr.numpy(), s), _nearest_code("nf4", s)[0])
+    assert q4.poly_margin(coef, b, s) > 0.35
 
 
 @pytest.mark.parametrize("device", DEVICES)
