@@ -165,19 +165,26 @@ def quantize_host(shape) -> None:
     print("\n".join(line for line in s.getvalue().splitlines()[6:] if line.strip()))
 
 
+def _quant_inputs(shape):
+    """(w, R, flat replicas of w, packed and absmax outputs) for timing the 4-bit quantize
+    kernel alone on a bf16 weight of ``shape`` (blocks of 64)."""
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+    n = w.numel()
+    R = replicas(2 * n, True)
+    xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
+    absmax = torch.empty(n // 64, dtype=torch.float32, device="cuda")
+    return w, R, xs, packed, absmax
+
+
 def quant_kernels(shape) -> None:
     """Every quantize candidate's kernel alone, as CUDA-graph replays (no host time): reads 2n
     bytes of bf16, writes n/2 packed bytes and n/16 bytes of absmax."""
     import peftlab.kernels.quant4bit as q4
 
-    torch.manual_seed(0)
-    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
-    n = w.numel()
-    nblocks = n // 64
-    R = replicas(2 * n, True)
-    xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
-    absmax = torch.empty(nblocks, dtype=torch.float32, device="cuda")
+    w, R, xs, packed, absmax = _quant_inputs(shape)
+    n, nblocks = w.numel(), w.numel() // 64
     tables = q4._tables("nf4", w.device)
     moved = 2 * n + n // 2 + 4 * nblocks
     print(f"\nquantize kernels {shape[0]}x{shape[1]} (graph replays, {R} replicas)")
@@ -336,13 +343,8 @@ def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 819
     cand = next(c for c in q4._quant4.candidates if c.variant == "words" and c.elems == 2048)
     print(f"\nquantize coding paths ({cand.describe()}, graph replays) and calls (eager):")
     for shape in shapes:
-        torch.manual_seed(0)
-        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        w, R, xs, packed, absmax = _quant_inputs(shape)
         n, nblocks = w.numel(), w.numel() // 64
-        R = replicas(2 * n, True)
-        xs = [w.view(-1)] + [w.view(-1).clone() for _ in range(R - 1)]
-        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="cuda")
-        absmax = torch.empty(nblocks, dtype=torch.float32, device="cuda")
         paths = {"fp4 cells": q4._tables("fp4", w.device),
                  "nf4 guess": q4._tables("nf4", w.device)}
         line = []

@@ -211,9 +211,10 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
     through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
     POLY: the count guessed by the cubic ``C3..C0`` and one threshold (``poly_table``), else
-    cells of ``round(16 |s|)`` split by sign (``cell_tables``; both in quant4bit_tables.py). Compiled with FP fusion (the
-    cubic in three FMAs): no result depends on it (the guess has a margin; ``16 |s| + M`` is
-    exact before its one rounding; the normalisation is a lone product)."""
+    cells of ``round(16 |s|)`` split by sign (``cell_tables``; both in quant4bit_tables.py).
+    Compiled with FP fusion (the cubic in three FMAs): no result depends on it (the guess has a
+    margin; ``16 |s| + M`` is exact before its one rounding; the normalisation is a lone
+    product)."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
@@ -233,8 +234,9 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     if (pid + 1) * ROWS * BS > n:                                # ragged last block: divide
         s = tl.where(tail[:, None] & (am[:, None] > 0), tl.math.div_rn(x, amc[:, None]), s)
     # no clamp to [-1, 1]: every decision bound lies inside, so #(bounds < s) is unchanged
-    # adding 1.5 * 2**23 (float ulp 1 there) rounds to an integer held in the low bits; the
-    # masks keep any float (NaN: its block raises) inside the 32-entry tables
+    # adding quant4bit_tables.MAGIC = 1.5 * 2**23 (float ulp 1 there; a literal here: Triton
+    # reads no plain globals) rounds to an integer held in the low bits; the masks keep any
+    # float (NaN: its block raises) inside the 32-entry tables
     if POLY:
         # g = round(f(s)) is #(bounds < s) or one less; + 1 in the magic: g + 1 indexes t
         f = ((C3 * s + C2) * s + C1) * s + C0
@@ -426,7 +428,7 @@ def _tables(quant_type: str, device: torch.device):
     poly = poly_table(quant_type)
     if poly is not None:
         thr = poly[1].to(device)
-        return thr, thr, poly[0]
+        return thr, thr, poly[0]               # the POLY path reads no codes table
     thr, codes = cell_tables(quant_type)
     return thr.to(device), codes.to(device), None
 
@@ -453,14 +455,14 @@ def _quant8(flat, code, lut, blocksize, rounding, offset=None, code_out=None, co
     absmax = torch.empty(nblocks, dtype=torch.float32, device=flat.device)
     bsp = 1 << (blocksize - 1).bit_length()
     rows = max(1, 4096 // bsp)
-    code4 = code4 or (code, code)
+    src4, out4 = code4 or (code, code)        # unused pointers when there is nothing to copy
     launch(_quant8_kernel, (_cdiv(nblocks, rows),),
            flat, codes, absmax, code, codes if lut is None else lut,
            absmax if offset is None else offset, code if code_out is None else code_out,
-           *code4, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
+           src4, out4, n, nblocks, BS=blocksize, BSP=bsp, ROWS=rows, LUT=rounding == "lut",
            HAS_OFFSET=offset is not None, COPY_CODE=code_out is not None,
-           COPY_CODE4=code4[1] is not code4[0], enable_fp_fusion=False,
-           enable_reflect_ftz=False, num_warps=4)
+           COPY_CODE4=code4 is not None, enable_fp_fusion=False, enable_reflect_ftz=False,
+           num_warps=4)
     return codes, absmax
 
 
