@@ -330,10 +330,11 @@ def launch_costs(calls: int = 2000) -> None:
 
 
 def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))) -> None:
-    """The quantize kernel's coding paths, CUDA-graph replays of the ``words`` kernel alone (FP4:
-    cell tables; NF4: the count guess); then the whole quantize call, NF4 and FP4 with double
-    quantization, against bitsandbytes (eager, rotated inputs). Session 14 also ran an FP4
-    count guess here (kernel since removed): 143 us against the cells' 82 us at 4096x14336
+    """The quantize kernel's coding paths, CUDA-graph replays of the ``words`` kernel alone
+    (every table the codes have: ``quant4bit._tables``); then the whole quantize call, NF4 and
+    FP4 (its default path and the two-gather cells) with double quantization, against
+    bitsandbytes (eager, rotated inputs). Session 14 also ran an FP4 count guess here (kernel
+    since removed): 143 us against the cells' 82 us at 4096x14336
     (``results/logs/h200_quant_coding_paths_s14.log``)."""
     import peftlab.kernels.quant4bit as q4
     from bench_quant import bitsandbytes_cuda
@@ -345,8 +346,10 @@ def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 819
     for shape in shapes:
         w, R, xs, packed, absmax = _quant_inputs(shape)
         n, nblocks = w.numel(), w.numel() // 64
-        paths = {"fp4 cells": q4._tables("fp4", w.device),
-                 "nf4 guess": q4._tables("nf4", w.device)}
+        paths = {"fp4 cells": q4._tables("fp4", w.device, "cells"),
+                 "fp4 magnitude cells": q4._tables("fp4", w.device, "log"),
+                 "nf4 guess": q4._tables("nf4", w.device, "poly"),
+                 "nf4 cells": q4._tables("nf4", w.device, "cells")}
         line = []
         for name, tables in paths.items():
             def fn(r, tables=tables):
@@ -354,9 +357,10 @@ def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 819
                                 dict(BS=64))
             line.append(f"{name} {timed(fn, True, R)[0] * 1e3:6.1f} us")
         ws = [w] + [w.clone() for _ in range(R - 1)]
-        for qt in ("nf4", "fp4"):
-            ours = rotated(lambda r: quantize_4bit(ws[r], 64, qt, True), R, True) * 1e3
-            text = f"{qt} call {ours:6.1f} us"
+        for qt, coding in (("nf4", None), ("fp4", None), ("fp4", "cells")):
+            with q4.forced_coding(coding):
+                ours = rotated(lambda r: quantize_4bit(ws[r], 64, qt, True), R, True) * 1e3
+            text = f"{qt}{'' if coding is None else ' ' + coding} call {ours:6.1f} us"
             if bf is not None:
                 bnb = rotated(lambda r: bf.quantize_4bit(ws[r], blocksize=64, quant_type=qt,
                                                          compress_statistics=True), R, True) * 1e3

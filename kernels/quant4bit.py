@@ -113,7 +113,7 @@ from peftlab.quant.state import QuantState
 
 from .launch import launch
 from .matmul4bit_kernels import _block_absmax
-from .quant4bit_tables import cell_tables, poly_table
+from .quant4bit_tables import cell_tables, log_table, poly_table
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -206,12 +206,14 @@ def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nblocks,
                    BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
-                   POLY: tl.constexpr, C3: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
-                   C0: tl.constexpr):
+                   CODING: tl.constexpr, C3: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
+                   C0: tl.constexpr, LOWC: tl.constexpr):
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
     through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
-    POLY: the count guessed by the cubic ``C3..C0`` and one threshold (``poly_table``), else
-    cells of ``round(16 |s|)`` split by sign (``cell_tables``; both in quant4bit_tables.py).
+    CODING (tables in quant4bit_tables.py): 1 (``poly_table``, NF4) the count guessed by the
+    cubic ``C3..C0`` and one threshold; 2 (``log_table``, FP4) the magnitude cell
+    ``(max(bits |s|, LOWC) >> 22) & 31``, one packed int32 entry, the sign folded in; 0
+    (``cell_tables``) cells of ``round(16 |s|)`` split by sign, two gathers.
     Compiled with FP fusion (the cubic in three FMAs): no result depends on it (the guess has a
     margin; ``16 |s| + M`` is exact before its one rounding; the normalisation is a lone
     product)."""
@@ -237,11 +239,20 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     # adding quant4bit_tables.MAGIC = 1.5 * 2**23 (float ulp 1 there; a literal here: Triton
     # reads no plain globals) rounds to an integer held in the low bits; the masks keep any
     # float (NaN: its block raises) inside the 32-entry tables
-    if POLY:
+    if CODING == 1:
         # g = round(f(s)) is #(bounds < s) or one less; + 1 in the magic: g + 1 indexes t
         f = ((C3 * s + C2) * s + C1) * s + C0
         g1 = (f + 12582913.0).to(tl.int32, bitcast=True) & 31
         q = tl.where(s > tl.load(thr_ptr + g1), g1, g1 - 1)
+    elif CODING == 2:
+        # entry T << 10 | lo | hi << 4; w > entry (unsigned) <=> |s| passes the cell's bound,
+        # a tie counting for s <= 0 only (its 0x3FF); the sign flips the code's top bit
+        sb = s.to(tl.int32, bitcast=True)
+        e = tl.load(thr_ptr + ((tl.maximum(sb & 0x7FFFFFFF, LOWC) >> 22) & 31))
+        neg = s <= 0.0
+        w = (sb << 10) | tl.where(neg, 0x3FF, 0)
+        step = w.to(tl.uint32, bitcast=True) > e.to(tl.uint32, bitcast=True)
+        q = (tl.where(step, e >> 4, e) & 15) ^ tl.where(neg, 8, 0)
     else:
         # the cell (``cell_np``): 16 |s| is exact, so it is rounded once
         c = (tl.minimum((tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31, 15)
@@ -353,11 +364,10 @@ def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
 def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
     nbytes = (n + 1) // 2                      # words (PACK > 0): nbytes % 4 == 0, packed fresh
     rows = max(1, ELEMS // BS)
-    thr, codes, poly = tables
-    c3, c2, c1, c0 = poly or (0.0,) * 4
+    coding, thr, codes, (c3, c2, c1, c0), lowc = tables
     launch(_quant4_kernel, (_cdiv(nblocks, rows),),
            x, packed, absmax, thr, codes, n, nbytes // 4 if PACK else nbytes, nblocks, BS=BS,
-           ROWS=rows, PACK=PACK, POLY=poly is not None, C3=c3, C2=c2, C1=c1, C0=c0,
+           ROWS=rows, PACK=PACK, CODING=coding, C3=c3, C2=c2, C1=c1, C0=c0, LOWC=lowc,
            enable_fp_fusion=True, enable_reflect_ftz=False, **kw)
 
 
@@ -413,6 +423,23 @@ def forced_variant(op: str, variant: str, elems: Optional[int] = None,
         tuner.force = saved
 
 
+_coding_force: Optional[str] = None
+
+
+@contextmanager
+def forced_coding(coding: Optional[str]):
+    """Quantize with the coding step ``coding`` (one of ``CODINGS``, None: the default; tests
+    and probes)."""
+    global _coding_force
+    if coding is not None and coding not in CODINGS:
+        raise ValueError(f"unknown coding {coding!r}; one of {CODINGS}")
+    saved, _coding_force = _coding_force, coding
+    try:
+        yield
+    finally:
+        _coding_force = saved
+
+
 def _size_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -421,16 +448,28 @@ def _word_aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() % 4 == 0 and t.data_ptr() % 4 == 0
 
 
+CODINGS = ("cells", "poly", "log")   # the kernel's CODING values, by name
+
+
 @lru_cache(maxsize=None)
-def _tables(quant_type: str, device: torch.device):
-    """``(thresholds, codes, coefficients or None)`` on ``device``: the POLY path's table where
-    the code has one (NF4), else the cell tables (cached; never handed out)."""
-    poly = poly_table(quant_type)
+def _tables(quant_type: str, device: torch.device, coding: Optional[str] = None):
+    """The coding step's launch arguments ``(CODING, thr, codes, (C3, C2, C1, C0), LOWC)`` on
+    ``device`` (cached; never handed out). By default the cheapest the code allows: NF4 the
+    count guess (``poly``), FP4 the sign-folded magnitude cells (``log``), else the cells;
+    ``coding`` forces one (probes and tests; ValueError where the code has no such table)."""
+    zero = (0.0,) * 4
+    poly = poly_table(quant_type) if coding in (None, "poly") else None
     if poly is not None:
         thr = poly[1].to(device)
-        return thr, thr, poly[0]               # the POLY path reads no codes table
+        return 1, thr, thr, poly[0], 0         # the guess reads no codes table
+    log = log_table(quant_type) if coding in (None, "log") else None
+    if log is not None:
+        entries = log[0].to(device)
+        return 2, entries, entries, zero, log[1]
+    if coding not in (None, "cells"):
+        raise ValueError(f"{quant_type} has no {coding!r} coding table; one of {CODINGS}")
     thr, codes = cell_tables(quant_type)
-    return thr.to(device), codes.to(device), None
+    return 0, thr.to(device), codes.to(device), zero, 0
 
 
 @lru_cache(maxsize=None)
@@ -488,7 +527,7 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
     absmax = torch.empty(nblocks, dtype=torch.float32, device=dev)
     eligible = _ALL if nbytes % 4 == 0 else _BYTES
     _quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
-            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, dev), n, nblocks,
+            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, dev, _coding_force), n, nblocks,
             BS=blocksize)
     # launched first: the rest of the host work overlaps the 4-bit kernel. The state owns its
     # tables: the 8-bit kernel copies both from device-cached ones (no host-to-device copy,

@@ -172,3 +172,62 @@ def cell_table_for(quant_type: str, cell):
         thr[c] = b[lo] if hi > lo else np.inf
         codes[c] = int(order[lo]) | int(order[hi]) << 4
     return torch.from_numpy(thr), torch.from_numpy(codes)
+
+
+# FP4's one-gather path (the kernel's CODING 2): magnitude cells read from the float's bits
+MANT_KEEP = 22     # a cell keeps the exponent and the top mantissa bit: bits(|s|) >> 22
+LOW_MASK = (1 << MANT_KEEP) - 1
+
+
+def log_table(quant_type: str):
+    """``(entries int32 [32], lowc)`` for the sign-folded one-gather path, or None where the
+    code is not symmetric (NF4: its guess is cheaper).
+
+    A code that is symmetric about an exact zero bound (FP4: bounds -m_7 .. -m_1, 0, m_1 .. m_7,
+    and ``order[7 - r] = order[8 + r] ^ 8``) needs the magnitude rank r of ``a = |s|`` only:
+    r = #(m < a) for s > 0 and #(m <= a) for s <= 0 (a tie goes to the lower level, which for a
+    negative s is the larger magnitude), then code = P(r) ^ 8 [s <= 0] with P(r) = order[8 + r].
+    The cell of ``a`` is ``(max(bits(a), lowc) >> 22) & 31``: two cells per binade, each holding
+    at most one bound (FP4's m_1 = 1/384 lies five binades below m_2, and two cells per binade
+    from there to 1.0 take 20 entries), everything below the lowest bound's cell folded into
+    one. Within a cell the float's top ten bits are fixed, so ``a > m`` is a comparison of the
+    low 22 bits. An entry packs ``T << 10 | P(r_lo) | P(r_lo + 1) << 4`` (T: the bound's low 22
+    bits, all ones where the cell holds none). The kernel compares ``w = (bits(s) << 10) |
+    (0x3FF if s <= 0)`` with the entry as unsigned integers: for s > 0 a tie leaves w below the
+    entry (no step), for s <= 0 the ``0x3FF`` lifts it above (a step), and the codes in the low
+    bits never decide otherwise. One 128-byte gather per weight and no float-to-int
+    conversion; ``log_codes`` is the NumPy twin, checked on every float of [-1.0001, 1.0001]
+    (``experiments/quant_exhaustive_check.py``)."""
+    bounds, order = decision_bounds(get_code(quant_type))
+    b, o = bounds.numpy(), order.numpy().astype(np.int64)
+    half = len(b) // 2
+    if (len(b) % 2 == 0 or b[half] != 0 or not np.array_equal(b[half + 1:], -b[:half][::-1])
+            or not np.array_equal(o[half::-1], o[half + 1:] ^ 8)):
+        return None
+    mb = b[half + 1:].view(np.int32).astype(np.int64)
+    raw = mb >> MANT_KEEP
+    lo_raw = int(raw.min()) - 1
+    hi_raw = int(np.float32(1.0001).view(np.int32)) >> MANT_KEEP
+    if hi_raw - lo_raw >= 32 or raw.max() > hi_raw:
+        raise RuntimeError(f"{quant_type}: the magnitude cells span {hi_raw - lo_raw + 1} > 32")
+    entries = np.zeros(32, dtype=np.int64)       # unreachable entries (|s| >= 2, NaN): code 0
+    for r in range(lo_raw, hi_raw + 1):
+        inside = np.nonzero(raw == r)[0]
+        if len(inside) > 1:
+            raise RuntimeError(f"{quant_type}: magnitude cell {r} holds {len(inside)} bounds")
+        rank = int((mb < r << MANT_KEEP).sum())
+        step = len(inside)
+        t = int(mb[inside[0]]) & LOW_MASK if step else LOW_MASK
+        entries[r & 31] = t << 10 | o[half + 1 + rank] | o[half + 1 + rank + step] << 4
+    return torch.from_numpy(entries.astype(np.uint32).view(np.int32)), lo_raw << MANT_KEEP
+
+
+def log_codes(entries: np.ndarray, lowc: int, s: np.ndarray) -> np.ndarray:
+    """The kernel's CODING 2 path in NumPy: codes of normalised float32 values ``s``."""
+    s = np.asarray(s, dtype=np.float32)
+    sb = s.view(np.int32)
+    e = np.asarray(entries, dtype=np.int32)[(np.maximum(sb & 0x7FFFFFFF, lowc) >> MANT_KEEP) & 31]
+    neg = s <= 0
+    w = (sb.view(np.uint32) << np.uint32(10)) | np.where(neg, 0x3FF, 0).astype(np.uint32)
+    step = w > e.view(np.uint32)
+    return (np.where(step, e >> 4, e) & 15) ^ np.where(neg, 8, 0)
