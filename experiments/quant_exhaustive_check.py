@@ -3,8 +3,7 @@
 The kernel codes a normalised weight ``s`` without searching the 15 decision bounds
 (kernels/quant4bit.py): NF4 guesses the count ``#(bounds < s)`` with a cubic and corrects it
 by one threshold (``quant4bit_tables.poly_table``), FP4 looks its cell of ``round(16 |s|)`` up
-(``cell_tables``), or since session 15 reads its magnitude cell from the float's bits
-(``log_table``: one gather, sign folded).
+(``cell_tables``).
 This script runs the NumPy twins over all 2.13e9 floats in [-1.0001, 1.0001] (the kernel sees
 |s| <= 1 + 2 ulps) and counts disagreements with ``order[#(bounds < s)]``; for the guess it
 also reports the smallest distance of the cubic from the edges of the band it must stay in
@@ -61,11 +60,6 @@ def cells(quant_type):
     return coder
 
 
-def fp4_log(s, count):
-    entries, lowc = q4.log_table("fp4")
-    return q4.log_codes(entries.numpy(), lowc, s), None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--step", type=int, default=1, help="check every step-th float (1: all)")
@@ -74,8 +68,7 @@ def main(argv=None) -> int:
     failed = 0
     for name, quant_type, coder in (("NF4 count guess", "nf4", nf4_poly),
                                     ("NF4 cells", "nf4", cells("nf4")),
-                                    ("FP4 cells", "fp4", cells("fp4")),
-                                    ("FP4 magnitude cells", "fp4", fp4_log)):
+                                    ("FP4 cells", "fp4", cells("fp4"))):
         if args.only.lower() not in name.lower():
             continue
         t0 = time.time()

@@ -333,9 +333,10 @@ def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 819
     """The quantize kernel's coding paths, CUDA-graph replays of the ``words`` kernel alone
     (every table the codes have: ``quant4bit._tables``); then the whole quantize call, NF4 and
     FP4 (its default path and the two-gather cells) with double quantization, against
-    bitsandbytes (eager, rotated inputs). Session 14 also ran an FP4 count guess here (kernel
-    since removed): 143 us against the cells' 82 us at 4096x14336
-    (``results/logs/h200_quant_coding_paths_s14.log``)."""
+    bitsandbytes (eager, rotated inputs). Also run here and since removed (4096x14336, against
+    the cells' 82 us): session 14's FP4 count guess, 143 us
+    (``results/logs/h200_quant_coding_paths_s14.log``); session 15's FP4 magnitude cells (one
+    gather), 106 us (``..._s15.log``)."""
     import peftlab.kernels.quant4bit as q4
     from bench_quant import bitsandbytes_cuda
     from peftlab.quant import quantize_4bit
@@ -347,7 +348,6 @@ def coding_paths(shapes=((4096, 14336), (14336, 4096), (8192, 8192), (28672, 819
         w, R, xs, packed, absmax = _quant_inputs(shape)
         n, nblocks = w.numel(), w.numel() // 64
         paths = {"fp4 cells": q4._tables("fp4", w.device, "cells"),
-                 "fp4 magnitude cells": q4._tables("fp4", w.device, "log"),
                  "nf4 guess": q4._tables("nf4", w.device, "poly"),
                  "nf4 cells": q4._tables("nf4", w.device, "cells")}
         line = []

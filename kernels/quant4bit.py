@@ -113,7 +113,7 @@ from peftlab.quant.state import QuantState
 
 from .launch import launch
 from .matmul4bit_kernels import _block_absmax
-from .quant4bit_tables import cell_tables, log_table, poly_table
+from .quant4bit_tables import cell_tables, poly_table
 from .tuning import Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -207,13 +207,12 @@ def _pack8(q, ROWS: tl.constexpr, W: tl.constexpr):
 def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nblocks,
                    BS: tl.constexpr, ROWS: tl.constexpr, PACK: tl.constexpr,
                    CODING: tl.constexpr, C3: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
-                   C0: tl.constexpr, LOWC: tl.constexpr):
+                   C0: tl.constexpr):
     """PACK 0: uint8 bytes (``nunits`` bytes); 1: int32 words (``nunits`` words, written
     through ``dst_ptr`` cast to int32: no view op on the host); 2: words, one per thread.
     CODING (tables in quant4bit_tables.py): 1 (``poly_table``, NF4) the count guessed by the
-    cubic ``C3..C0`` and one threshold; 2 (``log_table``, FP4) the magnitude cell
-    ``(max(bits |s|, LOWC) >> 22) & 31``, one packed int32 entry, the sign folded in; 0
-    (``cell_tables``) cells of ``round(16 |s|)`` split by sign, two gathers.
+    cubic ``C3..C0`` and one threshold; 0 (``cell_tables``, FP4) cells of ``round(16 |s|)``
+    split by sign, two gathers.
     Compiled with FP fusion (the cubic in three FMAs): no result depends on it (the guess has a
     margin; ``16 |s| + M`` is exact before its one rounding; the normalisation is a lone
     product)."""
@@ -244,15 +243,6 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
         f = ((C3 * s + C2) * s + C1) * s + C0
         g1 = (f + 12582913.0).to(tl.int32, bitcast=True) & 31
         q = tl.where(s > tl.load(thr_ptr + g1), g1, g1 - 1)
-    elif CODING == 2:
-        # entry T << 10 | lo | hi << 4; w > entry (unsigned) <=> |s| passes the cell's bound,
-        # a tie counting for s <= 0 only (its 0x3FF); the sign flips the code's top bit
-        sb = s.to(tl.int32, bitcast=True)
-        e = tl.load(thr_ptr + ((tl.maximum(sb & 0x7FFFFFFF, LOWC) >> 22) & 31))
-        neg = s <= 0.0
-        w = (sb << 10) | tl.where(neg, 0x3FF, 0)
-        step = w.to(tl.uint32, bitcast=True) > e.to(tl.uint32, bitcast=True)
-        q = (tl.where(step, e >> 4, e) & 15) ^ tl.where(neg, 8, 0)
     else:
         # the cell (``cell_np``): 16 |s| is exact, so it is rounded once
         c = (tl.minimum((tl.abs(s) * 16.0 + 12582912.0).to(tl.int32, bitcast=True) & 31, 15)
@@ -364,10 +354,10 @@ def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
 def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
     nbytes = (n + 1) // 2                      # words (PACK > 0): nbytes % 4 == 0, packed fresh
     rows = max(1, ELEMS // BS)
-    coding, thr, codes, (c3, c2, c1, c0), lowc = tables
+    coding, thr, codes, (c3, c2, c1, c0) = tables
     launch(_quant4_kernel, (_cdiv(nblocks, rows),),
            x, packed, absmax, thr, codes, n, nbytes // 4 if PACK else nbytes, nblocks, BS=BS,
-           ROWS=rows, PACK=PACK, CODING=coding, C3=c3, C2=c2, C1=c1, C0=c0, LOWC=lowc,
+           ROWS=rows, PACK=PACK, CODING=coding, C3=c3, C2=c2, C1=c1, C0=c0,
            enable_fp_fusion=True, enable_reflect_ftz=False, **kw)
 
 
@@ -448,28 +438,28 @@ def _word_aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() % 4 == 0 and t.data_ptr() % 4 == 0
 
 
-CODINGS = ("cells", "poly", "log")   # the kernel's CODING values, by name
+CODINGS = ("cells", "poly")   # the kernel's CODING values, by name
 
 
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device, coding: Optional[str] = None):
-    """The coding step's launch arguments ``(CODING, thr, codes, (C3, C2, C1, C0), LOWC)`` on
-    ``device`` (cached; never handed out). By default the cheapest the code allows: NF4 the
-    count guess (``poly``), FP4 the sign-folded magnitude cells (``log``), else the cells;
-    ``coding`` forces one (probes and tests; ValueError where the code has no such table)."""
-    zero = (0.0,) * 4
+    """The coding step's launch arguments ``(CODING, thr, codes, (C3, C2, C1, C0))`` on
+    ``device`` (cached; never handed out). By default NF4 takes the count guess (``poly``),
+    FP4 the cells; ``coding`` forces one (probes and tests; ValueError where the code has no
+    such table). Session 15 also tried for FP4 one gather per weight: sign-folded magnitude
+    cells read from the float's bits (``(max(bits |s|, c) >> 22) & 31``, an int32 entry packing
+    the bound's low 22 bits and both codes, compared as unsigned integers with a tie bit for
+    s <= 0; exact on all 2.13e9 floats of [-1.0001, 1.0001]); on the H200 it took 105.8 us
+    against the cells' 81.7 us at 4096x14336 (``results/logs/h200_quant_coding_paths_s15.log``)
+    with one gather and 1.5 more integer instructions per weight (SASS), and was removed."""
     poly = poly_table(quant_type) if coding in (None, "poly") else None
     if poly is not None:
         thr = poly[1].to(device)
-        return 1, thr, thr, poly[0], 0         # the guess reads no codes table
-    log = log_table(quant_type) if coding in (None, "log") else None
-    if log is not None:
-        entries = log[0].to(device)
-        return 2, entries, entries, zero, log[1]
+        return 1, thr, thr, poly[0]            # the guess reads no codes table
     if coding not in (None, "cells"):
         raise ValueError(f"{quant_type} has no {coding!r} coding table; one of {CODINGS}")
     thr, codes = cell_tables(quant_type)
-    return 0, thr.to(device), codes.to(device), zero, 0
+    return 0, thr.to(device), codes.to(device), (0.0,) * 4
 
 
 @lru_cache(maxsize=None)

@@ -287,14 +287,13 @@ def test_forced_dequant_variants_match_reference(device, variant, quant_type, do
 
 def _edge_weight(device):
     """Blocks of 64 led by +-1, so that the normalised values are the weights themselves: every
-    cell edge (k + 1/2)/16 (round half to even decides them), every k/16, the magnitude cells'
-    edges 2**-k and 1.5 * 2**-k, every NF4/FP4 decision bound, each +-2 ulps, both signs, values near 0; then a subnormal block and a
+    cell edge (k + 1/2)/16 (round half to even decides them), every k/16, every NF4/FP4
+    decision bound, each +-2 ulps, both signs, values near 0; then a subnormal block and a
     ragged last block (which divides instead of multiplying)."""
     from peftlab.quant.codes import decision_bounds, get_code
 
     f32 = torch.float32
-    binades = torch.exp2(-torch.arange(11, dtype=f32))            # FP4's magnitude cell edges
-    centre = torch.cat([torch.arange(33, dtype=f32) / 32, binades, 0.75 * binades]
+    centre = torch.cat([torch.arange(33, dtype=f32) / 32]
                        + [decision_bounds(get_code(qt))[0].abs() for qt in ("nf4", "fp4")])
     up1 = torch.nextafter(centre, torch.tensor(2.0))
     dn1 = torch.nextafter(centre, torch.tensor(-2.0))
@@ -311,11 +310,10 @@ def _edge_weight(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("quant_type,coding", [("nf4", None), ("nf4", "cells"), ("fp4", None),
-                                               ("fp4", "cells")])
+@pytest.mark.parametrize("quant_type,coding", [("nf4", None), ("nf4", "cells"), ("fp4", None)])
 def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type, coding):
-    """Every variant and coding step (None: the default, NF4's guess and FP4's magnitude cells;
-    the two-gather cells they replaced) on the edge weights."""
+    """Every variant and coding step (None: the default, NF4's guess and FP4's cells; NF4 by
+    the cells too) on the edge weights."""
     from peftlab.kernels.quant4bit import forced_coding
 
     w = _edge_weight(device)
@@ -333,8 +331,6 @@ def test_forced_coding_rejects_unknown_and_missing_tables():
     with pytest.raises(ValueError, match="unknown coding"):
         with forced_coding("bisect"):
             pass
-    with pytest.raises(ValueError, match="no 'log' coding"):
-        _tables("nf4", torch.device("cpu"), "log")
     with pytest.raises(ValueError, match="no 'poly' coding"):
         _tables("fp4", torch.device("cpu"), "poly")
 
@@ -385,30 +381,6 @@ def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
                         rng.uniform(-1, 1, 1 << 20).astype(np.float32)])
     assert np.array_equal(q4.poly_codes(coef, thr.numpy(), s), _nearest_code("nf4", s)[0])
     assert q4.poly_margin(coef, b, s) > 0.35
-
-
-def test_fp4_magnitude_cells_are_exact_near_every_bound_and_cell_edge():
-    """FP4's sign-folded one-gather path (NumPy twin ``quant4bit_tables.log_codes``) against
-    ``order[#(bounds < s)]`` at every bound and every magnitude cell edge (+-2**-k, +-1.5 *
-    2**-k) +-8 ulps, +-0, +-1, subnormals, 2**20 random floats of [-1, 1] and 2**20 at random
-    scales down to 2**-40; NF4 (no exact zero bound) has no such table."""
-    import numpy as np
-    from peftlab.kernels import quant4bit_tables as q4
-
-    assert q4.log_table("nf4") is None
-    entries, lowc = q4.log_table("fp4")
-    _, b = _nearest_code("fp4", np.zeros(1, np.float32))
-    edges = np.concatenate([2.0 ** -np.arange(12), 1.5 * 2.0 ** -np.arange(1, 12)])
-    centres = np.concatenate([b, edges, -edges]).astype(np.float32)
-    rng = np.random.default_rng(1)
-    scales = np.exp2(rng.integers(-40, 1, 1 << 20))
-    s = np.concatenate([q4.key_float(np.add.outer(q4.order_key(centres), np.arange(-8, 9)).ravel()),
-                        np.array([0.0, -0.0, 1.0, -1.0, 1.0001, -1.0001, 1e-45, -1e-45, 1e-39,
-                                  -1e-39], np.float32),
-                        rng.uniform(-1, 1, 1 << 20).astype(np.float32),
-                        (rng.uniform(-1, 1, 1 << 20) * scales).astype(np.float32)])
-    s = s[np.abs(s) <= np.float32(1.0001)]
-    assert np.array_equal(q4.log_codes(entries.numpy(), lowc, s), _nearest_code("fp4", s)[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
