@@ -21,7 +21,8 @@ have been caught by the pointer check it skips, so such a tensor (or one not on 
 the JIT path and gets Triton's error. The direct call is used only when the installed Triton's
 runner makes exactly that call (checked once from its source); otherwise hits go through
 ``compiled[grid]``. The interpreter (``TRITON_INTERPRET=1``), CPU tensors and
-``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time.
+``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time; both variables are read once, at import
+(``triton.jit`` itself reads ``TRITON_INTERPRET`` when it decorates a kernel).
 
 Measured (``experiments/quant_probe.py``'s ``launch_costs``, one launch of the 8-bit kernel with
 11 arguments, GPU idle, two H200 hosts, ``results/logs/h200_launch_costs_s14_direct.log`` and
@@ -61,11 +62,24 @@ def arg_key(a: Any):
     return type(a), a  # anything else (e.g. a dtype): by value
 
 
+_FAST = os.environ.get("PEFTLAB_FAST_LAUNCH", "1") != "0"   # read at import, as TRITON_INTERPRET
+_int_keys: Dict[int, tuple] = {}
+
+
+def _int_key(a: int) -> tuple:
+    """``arg_key`` of a plain int, memoised (sizes and counts repeat from call to call)."""
+    k = _int_keys.get(a)
+    if k is None:
+        if len(_int_keys) >= 4096:
+            _int_keys.clear()
+        k = _int_keys[a] = arg_key(a)
+    return k
+
+
 def _fast_device(first) -> Optional[int]:
     """The current CUDA device when the cached path may serve a launch whose first argument is
     ``first`` (a CUDA tensor, not interpreting, not switched off), else None."""
-    if (isinstance(first, torch.Tensor) and not _interpreting(first)
-            and os.environ.get("PEFTLAB_FAST_LAUNCH", "1") != "0"):
+    if _FAST and isinstance(first, torch.Tensor) and not _interpreting(first):
         return _current_device()   # first is a CUDA tensor: CUDA is initialised
     return None
 
@@ -121,14 +135,14 @@ def launch(fn, grid: Tuple[int, ...], *args, **meta) -> None:
     spec, vals = [], []
     for a in args:
         if isinstance(a, torch.Tensor):
-            if not a.is_cuda or a.get_device() != device:   # Triton's error names it
-                fn[grid](*args, **meta)
+            if a.get_device() != device:            # another GPU or not CUDA (-1): Triton's
+                fn[grid](*args, **meta)             # error names it
                 return
             p = a.data_ptr()
             spec.append((a.dtype, (p & 15) == 0))
             vals.append(p)
         else:
-            spec.append(arg_key(a))
+            spec.append(_int_key(a) if type(a) is int else arg_key(a))
             vals.append(a)
     # constexprs by type and value: True == 1 == 1.0 in Python, not to Triton
     key = (id(fn), device, tuple(spec), tuple(meta.items()), tuple(map(type, meta.values())))

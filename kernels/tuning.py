@@ -49,8 +49,13 @@ def fastest(candidates: Sequence[T], time_fn: Callable[[T], float], what: str,
 _UNTIMED = " (untimed: small)"   # the note on picks made below the tuning threshold
 
 
+# triton.jit reads TRITON_INTERPRET when it decorates a kernel, so the value at import is the
+# one that holds for this process's kernels: read once (an environment read is ~1 us per launch)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting(t: torch.Tensor) -> bool:
-    return (not t.is_cuda) or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET or not t.is_cuda
 
 
 class Candidate(NamedTuple):

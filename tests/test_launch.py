@@ -24,6 +24,17 @@ def _battery():
     return vals
 
 
+def test_int_keys_are_memoised_as_arg_key_and_bounded():
+    L._int_keys.clear()
+    for a in _INTS + _INTS:
+        if type(a) is int:
+            assert L._int_key(a) == L.arg_key(a)
+    assert len(L._int_keys) == len(set(_INTS))
+    for a in range(5000):
+        L._int_key(a)
+    assert len(L._int_keys) <= 4096
+
+
 def test_arg_key_separates_what_triton_specializes_on():
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
@@ -115,13 +126,15 @@ def test_switched_off_and_cpu_take_the_jit_path(monkeypatch):
     cuda_like = torch.empty(0)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(L, "_current_device", lambda: 3)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("PEFTLAB_FAST_LAUNCH", raising=False)
+    from peftlab.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_INTERPRET", False)   # both read from the environment at import
+    monkeypatch.setattr(L, "_FAST", True)
     assert L._fast_device(cuda_like) == 3
-    monkeypatch.setenv("PEFTLAB_FAST_LAUNCH", "0")
+    monkeypatch.setattr(L, "_FAST", False)                   # PEFTLAB_FAST_LAUNCH=0
     assert L._fast_device(cuda_like) is None
-    monkeypatch.setenv("PEFTLAB_FAST_LAUNCH", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(L, "_FAST", True)
+    monkeypatch.setattr(tuning, "_INTERPRET", True)          # TRITON_INTERPRET=1
     assert L._fast_device(cuda_like) is None
 
 

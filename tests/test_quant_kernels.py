@@ -479,7 +479,7 @@ def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):
         return ms[ran[-1]]
 
     monkeypatch.setattr(tuning.triton.testing, "do_bench", do_bench)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(tuning, "_INTERPRET", False)   # read from the environment at import
     x = types.SimpleNamespace(is_cuda=True)             # stands for a CUDA tensor
     tuner = Tuned("quant", cands)
     tuner(("bucket",), ("words", "bytes"), False, x)    # small: first eligible, untimed
