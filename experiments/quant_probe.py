@@ -259,9 +259,11 @@ def quantize_steps(shape, calls: int = 300) -> None:
 
 def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
     """Host time per call of quantize_4bit and dequantize_4bit through the cached launch path
-    (kernels/launch.py) and through Triton's JIT launch (PEFTLAB_FAST_LAUNCH=0), interleaved."""
-    import os
-
+    (kernels/launch.py) and through Triton's JIT launch (``launch._FAST`` off, as
+    PEFTLAB_FAST_LAUNCH=0 at import does), interleaved. (Session 15's first run of this after
+    that flag moved to import time toggled the environment, so both columns ran the cached
+    path: 132.0 / 117.4 us and 49.1 / 33.1 us, i.e. host noise between rounds.)"""
+    from peftlab.kernels import launch as L
     from peftlab.quant import dequantize_4bit, quantize_4bit
 
     w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
@@ -269,11 +271,11 @@ def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
     res = {}
     for _ in range(3):
         for mode in ("1", "0"):
-            os.environ["PEFTLAB_FAST_LAUNCH"] = mode
+            L._FAST = mode == "1"
             for name, fn in (("quantize_4bit", lambda: quantize_4bit(w, 64, "nf4", True)),
                              ("dequantize_4bit", lambda: dequantize_4bit(packed, state))):
                 res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
-    os.environ["PEFTLAB_FAST_LAUNCH"] = "1"
+    L._FAST = True
     print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of {calls}):")
     for name in ("quantize_4bit", "dequantize_4bit"):
         fast, jit = (sorted(res[(name, m)])[1] for m in ("1", "0"))
