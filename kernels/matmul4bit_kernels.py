@@ -71,15 +71,8 @@ from .decode4bit import decode8, interleave8, table_planes
 @triton.jit
 def _block_absmax(am_ptr, am2_ptr, code2_ptr, off_ptr, blk, mask,
                   NESTED: tl.constexpr, BS2: tl.constexpr):
-    """float32 absmax of quantization blocks ``blk`` (any shape); 0 where ``mask`` is False
-    (``mask`` None: every block exists, no predicates)."""
-    if mask is None:
-        if NESTED:
-            q = tl.load(am_ptr + blk).to(tl.int32)
-            a = tl.load(code2_ptr + q) * tl.load(am2_ptr + blk // BS2) + tl.load(off_ptr)
-        else:
-            a = tl.load(am_ptr + blk)
-    elif NESTED:
+    """float32 absmax of quantization blocks ``blk`` (any shape); 0 where ``mask`` is False."""
+    if NESTED:
         q = tl.load(am_ptr + blk, mask=mask, other=0).to(tl.int32)
         s2 = tl.load(am2_ptr + blk // BS2, mask=mask, other=0.0)
         a = tl.load(code2_ptr + q) * s2 + tl.load(off_ptr)

@@ -25,6 +25,10 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   conversion through shared memory; on the H200 the tuner picked it for every bf16 key of
   ``experiments/bench_quant.py`` (3.55-3.93 TB/s as CUDA-graph replays on 4096x14336 ..
   28672x8192: ``experiments/results/logs/h200_bench_quant.log``).
+  Tried in session 15 and reverted: whole tiles without predicates (only the program holding
+  the end masking its loads and stores, here and in quantize): dequantize 3.57 TB/s on
+  4096x14336 against 3.60-3.61 in the run before, the quantize kernel 68.9-72.2 us against
+  68.4-69.9 (graph replays, ``logs/h200_bench_quant_s15_nomask.log``): no gain.
   Both: ``value = code[q] * absmax_b`` in float32, rounded once to the output dtype. (Until
   session 12 the word variants decoded with ``decode4bit.decode8`` and assembled the outputs
   with ``tl.join``; their layouts cost a shared-memory round trip or several rows per thread,
@@ -171,35 +175,19 @@ def _dequant4t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, 
     compiler keeps each word's 8 outputs in one thread for one 16-byte store without joins.
     ONE_WORD (``tile1``): one word per thread and load, no layout conversion before the store.
     ``packed_ptr`` (uint8, 4-byte aligned) is read as int32 words through a pointer cast."""
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * WORDS + tl.arange(0, WORDS)
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    i = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
     if ONE_WORD:
         i = tl.max_contiguous(i, 1)
-    if (pid + 1) * WORDS > nwords:     # only the program holding the end predicates its accesses
-        _dequant_words(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, i, i < nwords, BS, BS2, NESTED, OUT, RNE_BITS)
-    else:
-        _dequant_words(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, i, None, BS, BS2, NESTED, OUT, RNE_BITS)
-
-
-@triton.jit
-def _dequant_words(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                   out_ptr, i, wmask, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
-                   OUT: tl.constexpr, RNE_BITS: tl.constexpr):
-    """Words ``i`` [WORDS] -> their ``[WORDS, 8]`` outputs; ``wmask`` None: all exist."""
-    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    if wmask is None:
-        wd = tl.load(words_ptr + i)
-    else:
-        wd = tl.load(words_ptr + i, mask=wmask, other=0)
+    wmask = i < nwords
+    wd = tl.load(words_ptr + i, mask=wmask, other=0)
     k = tl.arange(0, 8)
     nib = (wd[:, None] >> ((k ^ 1) * 4)[None, :]) & 15               # [WORDS, 8]
     am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (i * 8) // BS,
                        wmask, NESTED, BS2)                            # [WORDS]
     vals = tl.load(code_ptr + nib) * am[:, None]
     eidx = i[:, None] * 8 + k[None, :]
-    _store_out(out_ptr, eidx, vals, None if wmask is None else wmask[:, None], OUT, RNE_BITS)
+    _store_out(out_ptr, eidx, vals, wmask[:, None], OUT, RNE_BITS)
 
 
 @triton.jit
@@ -235,8 +223,7 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * ROWS + tl.arange(0, ROWS)                        # [ROWS] block ids
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]          # [ROWS, BS]
-    end = (pid + 1) * ROWS * BS > n            # only the program holding the end predicates
-    if end:
+    if (pid + 1) * ROWS * BS > n:                                # only the end masks per element
         x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
     else:
         x = tl.load(x_ptr + idx).to(tl.float32)
@@ -249,7 +236,7 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
     inv = tl.where(am > 0, tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), amc), 0.0)
     tail = (blk + 1) * BS > n
     s = x * inv[:, None]
-    if end:                                                      # ragged last block: divide
+    if (pid + 1) * ROWS * BS > n:                                # ragged last block: divide
         s = tl.where(tail[:, None] & (am[:, None] > 0), tl.math.div_rn(x, amc[:, None]), s)
     # no clamp to [-1, 1]: every decision bound lies inside, so #(bounds < s) is unchanged
     # adding quant4bit_tables.MAGIC = 1.5 * 2**23 (float ulp 1 there; a literal here: Triton
@@ -266,32 +253,17 @@ def _quant4_kernel(x_ptr, dst_ptr, absmax_ptr, thr_ptr, codes_ptr, n, nunits, nb
              + tl.where(s > 0, 16, 0))
         g = tl.load(codes_ptr + c).to(tl.int32)                  # lo | hi << 4
         q = tl.where(s > tl.load(thr_ptr + c), g >> 4, g & 15)
-    if end:
-        _store_quant(dst_ptr, absmax_ptr, q, tl.where(tail, amc, am), blk, nunits, nblocks, BS,
-                     ROWS, PACK, True)
-    else:                                      # whole blocks, none ragged: no predicates
-        _store_quant(dst_ptr, absmax_ptr, q, am, blk, nunits, nblocks, BS, ROWS, PACK, False)
-
-
-@triton.jit
-def _store_quant(dst_ptr, absmax_ptr, q, am, blk, nunits, nblocks, BS: tl.constexpr,
-                 ROWS: tl.constexpr, PACK: tl.constexpr, MASKED: tl.constexpr):
-    """Pack the codes ``q`` [ROWS, BS] of blocks ``blk`` (PACK as ``_quant4_kernel``) and store
-    them with the blocks' absmax ``am``; MASKED: only units below ``nunits``, blocks below
-    ``nblocks``."""
     if PACK == 0:
         ev, od = tl.split(tl.reshape(q, [ROWS, BS // 2, 2]))
         pidx = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
-        tl.store(dst_ptr + pidx, ((ev << 4) | od).to(tl.uint8),
-                 mask=(pidx < nunits) if MASKED else None)
+        tl.store(dst_ptr + pidx, ((ev << 4) | od).to(tl.uint8), mask=pidx < nunits)
     else:
         widx = blk[:, None] * (BS // 8) + tl.arange(0, BS // 8)[None, :]
         if PACK == 2:
             widx = tl.max_contiguous(widx, [1, 1])
         words_ptr = dst_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        tl.store(words_ptr + widx, _pack8(q, ROWS, BS // 8),
-                 mask=(widx < nunits) if MASKED else None)
-    tl.store(absmax_ptr + blk, am, mask=(blk < nblocks) if MASKED else None)
+        tl.store(words_ptr + widx, _pack8(q, ROWS, BS // 8), mask=widx < nunits)
+    tl.store(absmax_ptr + blk, tl.where(tail, amc, am), mask=blk < nblocks)
 
 
 @triton.jit
