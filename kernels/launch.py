@@ -35,6 +35,7 @@ kernel captured (none of ours do).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -167,8 +168,53 @@ def launch(fn, grid: Tuple[int, ...], *args, **meta) -> None:
     if stream is not None and _hooks_idle():
         compiled.run(g[0], g[1], g[2], stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *vals, *consts)
+        if _recording is not None:
+            slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            _recording.append(Replay(compiled, consts, stream, device, g, tuple(vals), slots))
     else:
         compiled[g](*args, *consts)
+
+
+class Replay:
+    """One direct launch made again with other tensors (``record``): the kernel, the grid, the
+    non-tensor arguments and the constexprs are fixed; the caller passes tensors of the same
+    dtypes, 16-byte alignment and device, in the order of the tensor arguments, which is what
+    its own cache key must guarantee. Returns False without launching when the current device
+    changed or a launch hook was registered since (the caller then takes ``launch``)."""
+
+    __slots__ = ("compiled", "consts", "stream", "device", "grid", "vals", "slots")
+
+    def __init__(self, compiled, consts, stream, device, grid, vals, slots):
+        self.compiled, self.consts, self.stream, self.device = compiled, consts, stream, device
+        self.grid, self.vals, self.slots = grid, vals, slots
+
+    def __call__(self, *tensors) -> bool:
+        if len(tensors) != len(self.slots):
+            raise TypeError(f"replay takes {len(self.slots)} tensors, got {len(tensors)}")
+        if _current_device() != self.device or not _hooks_idle():
+            return False
+        vals = list(self.vals)
+        for i, t in zip(self.slots, tensors):
+            vals[i] = t.data_ptr()
+        c, g = self.compiled, self.grid
+        c.run(g[0], g[1], g[2], self.stream(self.device), c.function, c.packed_metadata, None,
+              None, None, *vals, *self.consts)
+        return True
+
+
+_recording: Optional[list] = None
+
+
+@contextmanager
+def record():
+    """Collect a ``Replay`` of every direct launch made inside the block (a list; launches
+    through the JIT, a miss or a registered hook, add nothing)."""
+    global _recording
+    saved, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = saved
 
 
 def clear_cache() -> None:

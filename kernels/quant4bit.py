@@ -115,10 +115,10 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
-from .launch import launch
+from .launch import Replay, launch, record
 from .matmul4bit_kernels import _block_absmax
 from .quant4bit_tables import cell_tables, poly_table
-from .tuning import Candidate, Tuned, _interpreting
+from .tuning import _UNTIMED, Candidate, Tuned, _interpreting
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _COLS_MAX = 64   # packed bytes per byte-dequant tile row (128 outputs)
@@ -510,6 +510,34 @@ def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset, code4=None)
 
 
 # ---- public entry points ------------------------------------------------------------------
+_replays: Dict[tuple, Replay] = {}
+
+
+def _launch_quant4(key, eligible, tune: bool, x, packed, absmax, n: int, nblocks: int) -> None:
+    """The tuned 4-bit quantize launch. Once a key's candidate is known, the first launch is
+    recorded (``launch.record``) and later calls with the same candidate, size, dtype,
+    alignment, device and coding replay it: no tuner, no argument keys, the launcher called
+    with five fresh pointers (the host time before the kernel starts is the call's critical
+    path at the middle sizes)."""
+    blocksize, quant_type = key[0], key[3]
+    tables = _tables(quant_type, x.device, _coding_force)
+    cand = None if _quant4.force else _quant4.best.get((*key, tune))
+    if cand is None:                        # tuning, forced or interpreted: the tuner's path
+        _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
+        return
+    rkey = (cand, key, tune, n, x.data_ptr() & 15 == 0, x.get_device(), _coding_force)
+    replay = _replays.get(rkey)
+    if replay is not None and replay(x, packed, absmax, tables[1], tables[2]):
+        _quant4._last = (cand, None, "" if tune else _UNTIMED)
+        return
+    with record() as launched:
+        _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
+    if len(launched) == 1:
+        if len(_replays) >= 256:
+            _replays.clear()
+        _replays[rkey] = launched[0]
+
+
 def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                          double_quant: bool = True, nested_rounding: str = "nearest"):
     """Kernel twin of ``quantize_4bit_reference``: ``(packed uint8 [(n+1)//2, 1], QuantState)``."""
@@ -520,9 +548,8 @@ def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str =
     packed = torch.empty((nbytes, 1), dtype=torch.uint8, device=dev)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=dev)
     eligible = _ALL if nbytes % 4 == 0 else _BYTES
-    _quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
-            n >= _TUNE_MIN, x, packed, absmax, _tables(quant_type, dev, _coding_force), n, nblocks,
-            BS=blocksize)
+    _launch_quant4((blocksize, _size_bucket(n), x.dtype, quant_type, eligible), eligible,
+                   n >= _TUNE_MIN, x, packed, absmax, n, nblocks)
     # launched first: the rest of the host work overlaps the 4-bit kernel. The state owns its
     # tables: the 8-bit kernel copies both from device-cached ones (no host-to-device copy,
     # which would wait for the kernels); reading the mean back (or the scan) is the one sync

@@ -187,3 +187,55 @@ def test_the_direct_call_matches_this_tritons_runner_and_yields_to_hooks(monkeyp
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
         assert not L._hooks_idle()
     assert L._hooks_idle()
+
+
+class _RunLog:
+    """Stands for a CompiledKernel: records ``run`` calls."""
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+def test_replay_swaps_the_tensor_pointers_and_yields_to_hooks_and_device_changes(monkeypatch):
+    compiled = _RunLog()
+    rep = L.Replay(compiled, (128, True), lambda dev: f"stream{dev}", 0, (7, 1, 1),
+                   (111, 222, 48, 0.5), (0, 1))
+    monkeypatch.setattr(L, "_current_device", lambda: 0)
+    monkeypatch.setattr(L, "_hooks_idle", lambda: True)
+    x, y = torch.empty(4), torch.empty(8)
+    assert rep(x, y)
+    assert compiled.calls[-1] == (7, 1, 1, "stream0", "fn", "meta", None, None, None,
+                                  x.data_ptr(), y.data_ptr(), 48, 0.5, 128, True)
+    with pytest.raises(TypeError, match="takes 2 tensors"):
+        rep(x)
+    monkeypatch.setattr(L, "_hooks_idle", lambda: False)      # a profiler hook: not replayed
+    assert not rep(x, y)
+    monkeypatch.setattr(L, "_hooks_idle", lambda: True)
+    monkeypatch.setattr(L, "_current_device", lambda: 1)      # another current device
+    assert not rep(x, y)
+    assert len(compiled.calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need CUDA")
+def test_recorded_launch_replays_with_new_tensors():
+    L.clear_cache()
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(1000, generator=g).cuda() for _ in range(2))
+    out = torch.empty(1000, device="cuda")
+    args = dict(BLOCK=256, SQUARE=True, num_warps=4)
+    L.launch(_axpy_kernel, (4,), x, y, out, 0.5, 1000, **args)            # miss: compiles
+    with L.record() as rec:
+        L.launch(_axpy_kernel, (4,), x, y, out, 0.5, 1000, **args)        # hit: recorded
+    assert len(rec) == 1
+    x2, y2 = x.flip(0).contiguous(), y * 3
+    out2 = torch.full((1000,), float("nan"), device="cuda")
+    assert rec[0](x2, y2, out2)
+    torch.testing.assert_close(out2, 0.5 * x2 * x2 + y2, rtol=0, atol=1e-6)
+    with L.record() as rec2:                                              # a miss records nothing
+        L.launch(_axpy_kernel, (4,), x, y, out, 0.5, 1000, BLOCK=256, SQUARE=False, num_warps=4)
+    assert rec2 == []
+    L.clear_cache()

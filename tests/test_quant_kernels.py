@@ -489,3 +489,29 @@ def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):
     n_timed = len(ran)
     tuner(("bucket",), ("words", "bytes"), True, x)     # known key: the cached pick, untimed
     assert ran[n_timed:] == ["fast"] and tuner.last == cands[1].describe()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays record direct CUDA launches")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_replays_its_launch_on_fresh_weights(quant_type):
+    """The third call of a (size, dtype, ...) key replays the second's recorded launch: its
+    results on a new weight, and on an odd-offset view (another key), equal the reference."""
+    import peftlab.kernels.quant4bit as q4
+
+    shape = (1024, 2048)                                  # 2**21 elements: a timed key
+    for seed in range(3):
+        quantize_4bit_triton(make_weight(shape, torch.bfloat16, "cuda", 64, seed), 64, quant_type)
+    replays = len(q4._replays)
+    assert replays > 0
+    choice = last_choice("quant")
+    for i, w in enumerate((make_weight(shape, torch.bfloat16, "cuda", 64, seed=7),
+                           make_weight((2 * 1024 * 2048 + 1,), torch.bfloat16, "cuda", 64,
+                                       seed=8)[1:])):
+        for _ in range(3):
+            ker_q, ker_s = quantize_4bit_triton(w, 64, quant_type)
+        if i == 0:                                        # a replay reports what it ran
+            assert last_choice("quant") == choice and len(q4._replays) == replays
+        ref_q, ref_s = quantize_4bit_reference(w, 64, quant_type)
+        assert_bit_equal(ker_q, ref_q)
+        assert_states_equal(ker_s, ref_s)
+    assert len(q4._replays) > replays                     # the misaligned view: a key of its own
