@@ -525,7 +525,8 @@ def _launch_quant4(key, eligible, tune: bool, x, packed, absmax, n: int, nblocks
     if cand is None:                        # tuning, forced or interpreted: the tuner's path
         _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
         return
-    rkey = (cand, key, tune, n, x.data_ptr() & 15 == 0, x.get_device(), _coding_force)
+    # candidates live as long as the tuner: their identity stands for them (they hold a dict)
+    rkey = (id(cand), key, tune, n, x.data_ptr() & 15 == 0, x.get_device(), _coding_force)
     replay = _replays.get(rkey)
     if replay is not None and replay(x, packed, absmax, tables[1], tables[2]):
         _quant4._last = (cand, None, "" if tune else _UNTIMED)

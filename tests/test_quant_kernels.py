@@ -515,3 +515,50 @@ def test_quantize_replays_its_launch_on_fresh_weights(quant_type):
         assert_bit_equal(ker_q, ref_q)
         assert_states_equal(ker_s, ref_s)
     assert len(q4._replays) > replays                     # the misaligned view: a key of its own
+
+
+def test_launch_quant4_records_once_the_candidate_is_known_then_replays(monkeypatch):
+    """The host logic of the replay (CPU, fakes): no replay while the key is untuned, the
+    first launch with a known candidate is recorded, the next is replayed with the new
+    tensors and reports the candidate as the tuner would."""
+    import peftlab.kernels.launch as L
+    import peftlab.kernels.quant4bit as q4
+    from peftlab.kernels.tuning import _UNTIMED
+
+    class FakeReplay:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *tensors):
+            self.calls.append(tensors)
+            return True
+
+    class FakeTuned:
+        force, _last = None, None
+
+        def __init__(self):
+            self.best, self.calls = {}, []
+
+        def __call__(self, key, eligible, tune, *args, **kw):
+            self.calls.append(key)
+            if L._recording is not None:
+                L._recording.append(rep)
+
+    rep, fake = FakeReplay(), FakeTuned()
+    monkeypatch.setattr(q4, "_quant4", fake)
+    monkeypatch.setattr(q4, "_replays", {})
+    x, packed, absmax = torch.zeros(4096), torch.empty(2048, dtype=torch.uint8), torch.empty(64)
+    key = (64, 4096, torch.float32, "nf4", q4._ALL)
+    q4._launch_quant4(key, q4._ALL, False, x, packed, absmax, 4096, 64)     # untuned
+    assert len(fake.calls) == 1 and not q4._replays
+    cand = Candidate("words", None, dict(PACK=1), 2048, 4)
+    fake.best[(*key, False)] = cand
+    q4._launch_quant4(key, q4._ALL, False, x, packed, absmax, 4096, 64)     # recorded
+    assert len(fake.calls) == 2 and len(q4._replays) == 1 and not rep.calls
+    x2 = torch.ones(4096)
+    q4._launch_quant4(key, q4._ALL, False, x2, packed, absmax, 4096, 64)    # replayed
+    assert len(fake.calls) == 2 and len(rep.calls) == 1
+    assert rep.calls[0][:3] == (x2, packed, absmax) and len(rep.calls[0]) == 5
+    assert fake._last == (cand, None, _UNTIMED)
+    q4._launch_quant4(key, q4._ALL, False, x2[1:], packed, absmax, 4095, 64)  # another key
+    assert len(fake.calls) == 3
