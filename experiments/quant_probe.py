@@ -257,29 +257,38 @@ def quantize_steps(shape, calls: int = 300) -> None:
         print(f"  {what:14s} {_host_us(fn, calls, 10):6.1f} us per call (host)")
 
 
-def launch_paths(shape=(1024, 4096), calls: int = 500) -> None:
-    """Host time per call of quantize_4bit and dequantize_4bit through the cached launch path
-    (kernels/launch.py) and through Triton's JIT launch (``launch._FAST`` off, as
-    PEFTLAB_FAST_LAUNCH=0 at import does), interleaved. (Session 15's first run of this after
-    that flag moved to import time toggled the environment, so both columns ran the cached
-    path: 132.0 / 117.4 us and 49.1 / 33.1 us, i.e. host noise between rounds.)"""
+def launch_paths(shapes=((1024, 4096), (4096, 14336)), calls: int = 300) -> None:
+    """Host time per call of quantize_4bit (NF4 and FP4, double quantization) and
+    dequantize_4bit, interleaved over three paths: quantize replaying its recorded launch
+    (``quant4bit._REPLAY``, session 15), the cached launch (``launch._FAST``), Triton's JIT
+    launch (both off, as PEFTLAB_FAST_LAUNCH=0 at import). Each call ends in the quantize's
+    read-back (dequantize: a synchronize), so at 4096x14336 this is the call's wall time.
+    (Session 15's first run after PEFTLAB_FAST_LAUNCH moved to import time still toggled the
+    environment, so both its columns ran the cached path: host noise between rounds.)"""
+    import peftlab.kernels.quant4bit as q4
     from peftlab.kernels import launch as L
     from peftlab.quant import dequantize_4bit, quantize_4bit
 
-    w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
-    packed, state = quantize_4bit(w, 64, "nf4", True)
-    res = {}
-    for _ in range(3):
-        for mode in ("1", "0"):
-            L._FAST = mode == "1"
-            for name, fn in (("quantize_4bit", lambda: quantize_4bit(w, 64, "nf4", True)),
-                             ("dequantize_4bit", lambda: dequantize_4bit(packed, state))):
-                res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
-    L._FAST = True
-    print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of {calls}):")
-    for name in ("quantize_4bit", "dequantize_4bit"):
-        fast, jit = (sorted(res[(name, m)])[1] for m in ("1", "0"))
-        print(f"  {name:16s} cached launch {fast:6.1f}   Triton JIT launch {jit:6.1f}")
+    modes = {"replay": (True, True), "cached": (True, False), "jit": (False, False)}
+    for shape in shapes:
+        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, state = quantize_4bit(w, 64, "nf4", True)
+        fns = (("quantize nf4", lambda: quantize_4bit(w, 64, "nf4", True)),
+               ("quantize fp4", lambda: quantize_4bit(w, 64, "fp4", True)),
+               ("dequantize nf4", lambda: (dequantize_4bit(packed, state),
+                                           torch.cuda.synchronize())))
+        res = {}
+        for _ in range(3):
+            for mode, (fast, replay) in modes.items():
+                L._FAST, q4._REPLAY = fast, replay
+                for name, fn in fns:
+                    res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
+        L._FAST, q4._REPLAY = True, True
+        print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of "
+              f"{calls}):")
+        for name, _ in fns:
+            cols = "   ".join(f"{m} {sorted(res[(name, m)])[1]:6.1f}" for m in modes)
+            print(f"  {name:15s} {cols}")
 
 
 def launch_costs(calls: int = 2000) -> None:
@@ -380,6 +389,8 @@ def main() -> None:
     if "--launch-only" in sys.argv:
         return
     launch_paths()
+    if "--paths-only" in sys.argv:
+        return
     for shape in ((4096, 14336), (28672, 8192)):
         quant_kernels(shape)
     for shape in ((1024, 4096), (4096, 14336)):

@@ -511,6 +511,7 @@ def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset, code4=None)
 
 # ---- public entry points ------------------------------------------------------------------
 _replays: Dict[tuple, Replay] = {}
+_REPLAY = True        # probes switch it off to measure what the replay saves
 
 
 def _launch_quant4(key, eligible, tune: bool, x, packed, absmax, n: int, nblocks: int) -> None:
@@ -521,7 +522,7 @@ def _launch_quant4(key, eligible, tune: bool, x, packed, absmax, n: int, nblocks
     path at the middle sizes)."""
     blocksize, quant_type = key[0], key[3]
     tables = _tables(quant_type, x.device, _coding_force)
-    cand = None if _quant4.force else _quant4.best.get((*key, tune))
+    cand = None if _quant4.force or not _REPLAY else _quant4.best.get((*key, tune))
     if cand is None:                        # tuning, forced or interpreted: the tuner's path
         _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
         return
