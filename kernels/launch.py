@@ -24,6 +24,10 @@ runner makes exactly that call (checked once from its source); otherwise hits go
 ``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time; both variables are read once, at import
 (``triton.jit`` itself reads ``TRITON_INTERPRET`` when it decorates a kernel).
 
+``record()`` collects a ``Replay`` of each direct launch made inside it: the same kernel, grid,
+integers and constexprs, called later with other tensors (the caller's own key must fix their
+dtypes, alignment and device); ``quantize_4bit_triton`` replays its 4-bit launch this way.
+
 Measured (``experiments/quant_probe.py``'s ``launch_costs``, one launch of the 8-bit kernel with
 11 arguments, GPU idle, two H200 hosts, ``results/logs/h200_launch_costs_s14_direct.log`` and
 ``..._final.log``): Triton's JIT launch 18.6 / 32.5 us, the runner 9.0 / 15.7 us, the launcher

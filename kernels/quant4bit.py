@@ -81,7 +81,10 @@ hosts, ``experiments/quant_probe.py``) is more than its kernels at the middle si
 us at 4096x14336), so what precedes the 4-bit launch is kept short, the rest overlaps that
 kernel, every launch goes through ``launch.launch`` (the compiled kernel's launcher called
 directly: 15-26 us per launch against Triton's 19-32 us) and no torch view op runs on the host
-(a few us each: the word kernels cast the byte pointer).
+(a few us each: the word kernels cast the byte pointer). Since session 15 the 4-bit launch of a
+known key is replayed (``_launch_quant4``: the recorded launch with five fresh pointers, no
+tuner or argument keys): 132.8 / 140.1 us per NF4 / FP4 call at 4096x14336 against 136.9 /
+153.6 through ``launch`` (``experiments/quant_probe.py --paths-only``).
 
 Tuner: on CUDA each direction times every eligible (variant, elements per program, warps)
 candidate once per (blocksize, size bucket, dtype, ...) key with ``do_bench`` and keeps the
