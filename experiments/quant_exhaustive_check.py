@@ -65,17 +65,20 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=1, help="check every step-th float (1: all)")
     ap.add_argument("--only", default="", help="run the checks whose name contains this text")
     args = ap.parse_args(argv)
-    failed = 0
+    failed, ran = 0, 0
     for name, quant_type, coder in (("NF4 count guess", "nf4", nf4_poly),
                                     ("NF4 cells", "nf4", cells("nf4")),
                                     ("FP4 cells", "fp4", cells("fp4"))):
         if args.only.lower() not in name.lower():
             continue
+        ran += 1
         t0 = time.time()
         bad, margin = sweep(coder, quant_type, args.step)
         extra = "" if margin is None else f", smallest margin {margin:.3f}"
         print(f"{name}: {bad} mismatches{extra} ({time.time() - t0:.0f} s)", flush=True)
         failed += bad > 0
+    if not ran:
+        ap.error(f"--only {args.only!r} matches no check")
     return 1 if failed else 0
 
 

@@ -278,12 +278,14 @@ def launch_paths(shapes=((1024, 4096), (4096, 14336)), calls: int = 300) -> None
                ("dequantize nf4", lambda: (dequantize_4bit(packed, state),
                                            torch.cuda.synchronize())))
         res = {}
-        for _ in range(3):
-            for mode, (fast, replay) in modes.items():
-                L._FAST, q4._REPLAY = fast, replay
-                for name, fn in fns:
-                    res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
-        L._FAST, q4._REPLAY = True, True
+        try:
+            for _ in range(3):
+                for mode, (fast, replay) in modes.items():
+                    L._FAST, q4._REPLAY = fast, replay
+                    for name, fn in fns:
+                        res.setdefault((name, mode), []).append(_host_us(fn, calls, 20))
+        finally:
+            L._FAST, q4._REPLAY = True, True
         print(f"\nhost us per call, {shape[0]}x{shape[1]} (median of 3 interleaved rounds of "
               f"{calls}):")
         for name, _ in fns:

@@ -32,13 +32,15 @@ Measured (``experiments/quant_probe.py``'s ``launch_costs``, one launch of the 8
 11 arguments, GPU idle, two H200 hosts, ``results/logs/h200_launch_costs_s14_direct.log`` and
 ``..._final.log``): Triton's JIT launch 18.6 / 32.5 us, the runner 9.0 / 15.7 us, the launcher
 with hooks off 6.3 / 11.1 us and with int pointers 4.8 / 8.3 us; ``launch`` as a whole 14.9 /
-26.4 us (its own device lookup, environment reads and key are the rest). Not in the key, as in
+26.4 us (its own device lookup, then two environment reads, and its key are the rest; session
+15 moved the environment reads to import time). Not in the key, as in
 Triton's JIT cache they are: ``TRITON_DEBUG``, instrumentation modes and changed globals the
 kernel captured (none of ours do).
 """
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
@@ -172,9 +174,10 @@ def launch(fn, grid: Tuple[int, ...], *args, **meta) -> None:
     if stream is not None and _hooks_idle():
         compiled.run(g[0], g[1], g[2], stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *vals, *consts)
-        if _recording is not None:
+        rec = getattr(_local, "recording", None)
+        if rec is not None:
             slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            _recording.append(Replay(compiled, consts, stream, device, g, tuple(vals), slots))
+            rec.append(Replay(compiled, consts, stream, device, g, tuple(vals), slots))
     else:
         compiled[g](*args, *consts)
 
@@ -206,20 +209,23 @@ class Replay:
         return True
 
 
-_recording: Optional[list] = None
+_local = threading.local()      # record() is per thread: another thread's launches stay out
+replays: Dict[tuple, Replay] = {}   # callers' replay caches, keyed by the caller's own tuple
 
 
 @contextmanager
 def record():
-    """Collect a ``Replay`` of every direct launch made inside the block (a list; launches
-    through the JIT, a miss or a registered hook, add nothing)."""
-    global _recording
-    saved, _recording = _recording, []
+    """Collect a ``Replay`` of every direct launch this thread makes inside the block (a list;
+    launches through the JIT, a miss or a registered hook, add nothing)."""
+    saved = getattr(_local, "recording", None)
+    _local.recording = rec = []
     try:
-        yield _recording
+        yield rec
     finally:
-        _recording = saved
+        _local.recording = saved
 
 
 def clear_cache() -> None:
+    """Forget every cached kernel and every replay built on one."""
     _cache.clear()
+    replays.clear()

@@ -48,6 +48,7 @@ from peftlab.quant.state import QuantState
 from .decode4bit import planes, prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
                                  _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
+from . import tuning
 from .tuning import fastest
 
 MAX_SPLIT = 32
@@ -75,7 +76,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return tuning._INTERPRET        # one definition: read when the kernel modules import
 
 
 def _dot_f32(x: torch.Tensor) -> bool:

@@ -54,11 +54,11 @@ quantize 2 B in and 0.5 B out). Each direction has byte variants (any ``n``) and
   ``order[#(bounds < s)]`` (nearest level, ties to the lower one) comes without searching the
   15 bounds and with as few gathers as possible, because gathers are what the kernel spends
   its L1 on (Nsight Compute, session 13: L1/TEX 94 %), by tables built on the host
-  (``kernels/quant4bit_tables.py``): NF4 (POLY) guesses the count with a cubic, three FMAs and
-  one gather from a 128-byte table; FP4 looks up a cell of ``round(16 |s|)`` split by sign, two
-  1-line gathers. Exact for every float32 ``s`` in [-1.0001, 1.0001] (all 2.13e9:
-  ``experiments/quant_exhaustive_check.py``); the kernels are tested at every cell edge and
-  bound +-2 ulps.
+  (``kernels/quant4bit_tables.py``): NF4 (CODING 1, ``poly``) guesses the count with a cubic,
+  three FMAs and one gather from a 128-byte table; FP4 (CODING 0, ``cells``) looks up a cell of
+  ``round(16 |s|)`` split by sign, two 1-line gathers. Exact for every float32 ``s`` in
+  [-1.0001, 1.0001] (all 2.13e9: ``experiments/quant_exhaustive_check.py``); the kernels are
+  tested at every cell edge and bound +-2 ulps.
   On the H200 (``experiments/quant_kernel_probe.py``, 4096x14336, graph replays): traffic
   alone 50.6 us, + the cell index 51.1, session 13's 8-byte gather from a 64-entry table 84.8,
   FP4's two gathers 83.8 (78.5 for NF4 with cells of ``round(16 s)``), NF4's guess 65.0.
@@ -118,7 +118,8 @@ from peftlab.quant.functional import (build_state, check_dequantize_args, check_
                                       check_quantize_args)
 from peftlab.quant.state import QuantState
 
-from .launch import Replay, launch, record
+from . import launch as _launch_mod
+from .launch import launch, record
 from .matmul4bit_kernels import _block_absmax
 from .quant4bit_tables import cell_tables, poly_table
 from .tuning import _UNTIMED, Candidate, Tuned, _interpreting
@@ -513,34 +514,36 @@ def _quant8_minus_offset(absmax, code2, blocksize, rounding, offset, code4=None)
 
 
 # ---- public entry points ------------------------------------------------------------------
-_replays: Dict[tuple, Replay] = {}
 _REPLAY = True        # probes switch it off to measure what the replay saves
 
 
 def _launch_quant4(key, eligible, tune: bool, x, packed, absmax, n: int, nblocks: int) -> None:
     """The tuned 4-bit quantize launch. Once a key's candidate is known, the first launch is
     recorded (``launch.record``) and later calls with the same candidate, size, dtype,
-    alignment, device and coding replay it: no tuner, no argument keys, the launcher called
-    with five fresh pointers (the host time before the kernel starts is the call's critical
-    path at the middle sizes)."""
+    16-byte alignments, device and coding replay it: no tuner, no argument keys, the launcher
+    called with five fresh pointers (the host time before the kernel starts is the call's
+    critical path at the middle sizes). ``launch.clear_cache`` forgets the replays."""
     blocksize, quant_type = key[0], key[3]
     tables = _tables(quant_type, x.device, _coding_force)
-    cand = None if _quant4.force or not _REPLAY else _quant4.best.get((*key, tune))
-    if cand is None:                        # tuning, forced or interpreted: the tuner's path
+    fast = _REPLAY and _launch_mod._FAST and not _quant4.force
+    cand = _quant4.best.get((*key, tune)) if fast else None
+    if cand is None:                        # tuning, forced, interpreted or switched off
         _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
         return
-    # candidates live as long as the tuner: their identity stands for them (they hold a dict)
-    rkey = (id(cand), key, tune, n, x.data_ptr() & 15 == 0, x.get_device(), _coding_force)
-    replay = _replays.get(rkey)
+    # candidates live as long as the tuner: their identity stands for them (they hold a dict);
+    # the tables are the same cached tensors for one (quant_type, device, coding)
+    rkey = ("quant4", id(cand), key, n, x.data_ptr() & 15 == 0,
+            (packed.data_ptr() | absmax.data_ptr()) & 15 == 0, x.get_device(), _coding_force)
+    replay = _launch_mod.replays.get(rkey)
     if replay is not None and replay(x, packed, absmax, tables[1], tables[2]):
         _quant4._last = (cand, None, "" if tune else _UNTIMED)
         return
     with record() as launched:
         _quant4(key, eligible, tune, x, packed, absmax, tables, n, nblocks, BS=blocksize)
     if len(launched) == 1:
-        if len(_replays) >= 256:
-            _replays.clear()
-        _replays[rkey] = launched[0]
+        if len(_launch_mod.replays) >= 256:
+            _launch_mod.replays.clear()
+        _launch_mod.replays[rkey] = launched[0]
 
 
 def quantize_4bit_triton(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",

@@ -88,14 +88,14 @@ def cell_tables(quant_type: str):
     return cell_table_for(quant_type, cell_np)
 
 
-# NF4's count guess (the kernel's POLY path): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.379 or
+# NF4's count guess (the kernel's CODING 1): f(s) = ((C3 s + C2) s + C1) s + C0 stays 0.379 or
 # more inside (#(bounds < s) - 1.5, #(bounds < s) + 0.5) for every s in [-1.0001, 1.0001]
 # (a cubic follows the normal-quantile staircase; fitted to the line through (bound_k, k))
 POLY = {"nf4": (-4.25, 0.58, 11.35, 6.63)}
 
 
 def poly_table(quant_type: str):
-    """``(coefficients, thresholds float32 [32])`` for the POLY path, or None.
+    """``(coefficients, thresholds float32 [32])`` for the kernel's CODING 1 (poly), or None.
 
     The count of bounds below ``s``, q = #(bounds < s), is what the code is (NF4's order is the
     identity). ``g = round(f(s))`` is q or q - 1, so ``q = g + [s > bounds[g]]``: one gather from
@@ -112,7 +112,7 @@ def poly_table(quant_type: str):
         return None
     bounds, order = decision_bounds(get_code(quant_type))
     if not torch.equal(order, torch.arange(len(order))):
-        raise RuntimeError(f"{quant_type}: the POLY path emits the count, so the code's order "
+        raise RuntimeError(f"{quant_type}: the poly coding emits the count, so the code's order "
                            f"must be the identity")
     b = bounds.numpy()
     near = [b]
@@ -131,7 +131,7 @@ def poly_table(quant_type: str):
 
 
 def poly_guess(coef, s: np.ndarray) -> np.ndarray:
-    """f(s) of the POLY path (NumPy, float32, unfused)."""
+    """f(s) of the poly coding (NumPy, float32, unfused)."""
     s = np.asarray(s, dtype=np.float32)
     c3, c2, c1, c0 = (np.float32(c) for c in coef)
     return ((c3 * s + c2) * s + c1) * s + c0
@@ -146,7 +146,7 @@ def poly_margin(coef, b: np.ndarray, s: np.ndarray) -> float:
 
 
 def poly_codes(coef, thr: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The kernel's POLY path in NumPy (float32): codes of normalised values ``s``."""
+    """The kernel's poly coding in NumPy (float32): codes of normalised values ``s``."""
     s = np.asarray(s, dtype=np.float32)
     g1 = (poly_guess(coef, s) + np.float32(MAGIC + 1)).view(np.int32) & 31
     return np.where(s > thr[g1], g1, g1 - 1)

@@ -239,3 +239,16 @@ def test_recorded_launch_replays_with_new_tensors():
         L.launch(_axpy_kernel, (4,), x, y, out, 0.5, 1000, BLOCK=256, SQUARE=False, num_warps=4)
     assert rec2 == []
     L.clear_cache()
+
+
+def test_record_is_per_thread():
+    import threading
+
+    seen = {}
+    with L.record() as mine:
+        t = threading.Thread(target=lambda: seen.setdefault("other",
+                                                            getattr(L._local, "recording", None)))
+        t.start()
+        t.join()
+        assert L._local.recording is mine
+    assert seen["other"] is None and getattr(L._local, "recording", None) is None

@@ -17,7 +17,8 @@ from peftlab.quant import (dequantize_4bit, dequantize_4bit_reference,
 
 pytest.importorskip("triton")
 from peftlab.kernels.quant4bit import (dequantize_4bit_triton,  # noqa: E402
-                                       dequantize_blockwise_8bit_triton, forced_variant, last_choice, quantize_4bit_triton,
+                                       dequantize_blockwise_8bit_triton, forced_coding,
+                                       forced_variant, last_choice, quantize_4bit_triton,
                                        quantize_blockwise_8bit_triton)
 from peftlab.kernels.tuning import Candidate, Tuned  # noqa: E402
 
@@ -314,8 +315,6 @@ def _edge_weight(device):
 def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type, coding):
     """Every variant and coding step (None: the default, NF4's guess and FP4's cells; NF4 by
     the cells too) on the edge weights."""
-    from peftlab.kernels.quant4bit import forced_coding
-
     w = _edge_weight(device)
     ref_q, ref_s = quantize_4bit_reference(w, 64, quant_type, False)
     for variant in QUANT_VARIANTS:
@@ -326,7 +325,7 @@ def test_quant_variants_at_cell_edges_and_decision_bounds(device, quant_type, co
 
 
 def test_forced_coding_rejects_unknown_and_missing_tables():
-    from peftlab.kernels.quant4bit import _tables, forced_coding
+    from peftlab.kernels.quant4bit import _tables
 
     with pytest.raises(ValueError, match="unknown coding"):
         with forced_coding("bisect"):
@@ -365,7 +364,7 @@ def test_cell_tables_reproduce_the_nearest_level_on_every_run_edge(quant_type):
 
 
 def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
-    """NF4's POLY path (its NumPy twin ``quant4bit_tables.poly_codes``, unfused float32: the GPU may fuse, the
+    """NF4's poly coding (its NumPy twin ``quant4bit_tables.poly_codes``, unfused float32: the GPU may fuse, the
     margin covers it) against ``#(bounds < s)`` at every bound +-8 ulps, +-0, +-1, the smallest
     subnormals and 2**20 random floats of [-1, 1]; the margin it keeps; FP4 has no guess."""
     import numpy as np
@@ -491,47 +490,75 @@ def test_tuner_times_a_key_first_seen_by_an_untimed_small_call(monkeypatch):
     assert ran[n_timed:] == ["fast"] and tuner.last == cands[1].describe()
 
 
+class _CountingTuner:
+    """Wraps the quantize tuner and counts the launches that go through it (a replay does not);
+    writes (the tuner's report of the last pick) go to the tuner itself."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "calls", 0)
+
+    def __call__(self, *a, **k):
+        object.__setattr__(self, "calls", self.calls + 1)
+        return self.inner(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="replays record direct CUDA launches")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_quantize_replays_its_launch_on_fresh_weights(quant_type):
-    """The third call of a (size, dtype, ...) key replays the second's recorded launch: its
-    results on a new weight, and on an odd-offset view (another key), equal the reference."""
+def test_quantize_replays_its_launch_on_fresh_weights(quant_type, monkeypatch):
+    """Once a key is tuned, one call records its launch and the following calls replay it
+    (the tuner is not called): on a new weight, on a view of the same size one element off
+    16-byte alignment (its own key) and under another coding (its own key), the results equal
+    the reference, and ``last_choice`` reports what ran."""
+    import peftlab.kernels.launch as L
     import peftlab.kernels.quant4bit as q4
 
     shape = (1024, 2048)                                  # 2**21 elements: a timed key
-    for seed in range(3):
-        quantize_4bit_triton(make_weight(shape, torch.bfloat16, "cuda", 64, seed), 64, quant_type)
-    replays = len(q4._replays)
-    assert replays > 0
-    choice = last_choice("quant")
-    for i, w in enumerate((make_weight(shape, torch.bfloat16, "cuda", 64, seed=7),
-                           make_weight((2 * 1024 * 2048 + 1,), torch.bfloat16, "cuda", 64,
-                                       seed=8)[1:])):
-        for _ in range(3):
-            ker_q, ker_s = quantize_4bit_triton(w, 64, quant_type)
-        if i == 0:                                        # a replay reports what it ran
-            assert last_choice("quant") == choice and len(q4._replays) == replays
+    quantize_4bit_triton(make_weight(shape, torch.bfloat16, "cuda", 64, 0), 64, quant_type)
+    counting = _CountingTuner(q4._quant4)
+    monkeypatch.setattr(q4, "_quant4", counting)
+    n = shape[0] * shape[1]
+    cases = [(make_weight(shape, torch.bfloat16, "cuda", 64, seed=7), None),
+             (make_weight((n + 1,), torch.bfloat16, "cuda", 64, seed=8)[1:], None),
+             (make_weight(shape, torch.bfloat16, "cuda", 64, seed=9), "cells")]
+    for w, coding in cases:
+        before, replays = counting.calls, len(L.replays)
+        with forced_coding(coding):
+            for _ in range(4):
+                ker_q, ker_s = quantize_4bit_triton(w, 64, quant_type)
+            choice = last_choice("quant")
+        assert counting.calls - before <= 2            # the first (maybe) and the recording one
+        assert len(L.replays) >= replays
         ref_q, ref_s = quantize_4bit_reference(w, 64, quant_type)
         assert_bit_equal(ker_q, ref_q)
         assert_states_equal(ker_s, ref_s)
-    assert len(q4._replays) > replays                     # the misaligned view: a key of its own
+        assert choice.split()[0] in ("words", "words1", "bytes") and "untimed" not in choice
+    assert counting.calls <= 2 * len(cases) and len(L.replays) >= len(cases)
 
 
 def test_launch_quant4_records_once_the_candidate_is_known_then_replays(monkeypatch):
     """The host logic of the replay (CPU, fakes): no replay while the key is untuned, the
     first launch with a known candidate is recorded, the next is replayed with the new
-    tensors and reports the candidate as the tuner would."""
+    tensors and the cached tables and reports the candidate as the tuner would; a replay that
+    declines (a hook, another device) falls back to the tuner; another alignment of x, of the
+    outputs or another coding is another key."""
     import peftlab.kernels.launch as L
     import peftlab.kernels.quant4bit as q4
     from peftlab.kernels.tuning import _UNTIMED
 
     class FakeReplay:
-        def __init__(self):
-            self.calls = []
+        def __init__(self, ok=True):
+            self.calls, self.ok = [], ok
 
         def __call__(self, *tensors):
             self.calls.append(tensors)
-            return True
+            return self.ok
 
     class FakeTuned:
         force, _last = None, None
@@ -541,24 +568,47 @@ def test_launch_quant4_records_once_the_candidate_is_known_then_replays(monkeypa
 
         def __call__(self, key, eligible, tune, *args, **kw):
             self.calls.append(key)
-            if L._recording is not None:
-                L._recording.append(rep)
+            if L._local.recording is not None:
+                L._local.recording.append(rep)
 
     rep, fake = FakeReplay(), FakeTuned()
     monkeypatch.setattr(q4, "_quant4", fake)
-    monkeypatch.setattr(q4, "_replays", {})
-    x, packed, absmax = torch.zeros(4096), torch.empty(2048, dtype=torch.uint8), torch.empty(64)
+    monkeypatch.setattr(L, "replays", {})
+    monkeypatch.setattr(L, "_FAST", True)
+    L._local.recording = None
+    buf = torch.zeros(4096 + 4)
+    x, packed, absmax = buf[:4096], torch.empty(2048, dtype=torch.uint8), torch.empty(64)
     key = (64, 4096, torch.float32, "nf4", q4._ALL)
-    q4._launch_quant4(key, q4._ALL, False, x, packed, absmax, 4096, 64)     # untuned
-    assert len(fake.calls) == 1 and not q4._replays
+
+    def go(x=x, packed=packed):
+        q4._launch_quant4(key, q4._ALL, False, x, packed, absmax, 4096, 64)
+
+    go()                                                              # untuned: the tuner
+    assert len(fake.calls) == 1 and not L.replays
     cand = Candidate("words", None, dict(PACK=1), 2048, 4)
     fake.best[(*key, False)] = cand
-    q4._launch_quant4(key, q4._ALL, False, x, packed, absmax, 4096, 64)     # recorded
-    assert len(fake.calls) == 2 and len(q4._replays) == 1 and not rep.calls
-    x2 = torch.ones(4096)
-    q4._launch_quant4(key, q4._ALL, False, x2, packed, absmax, 4096, 64)    # replayed
+    go()                                                              # recorded
+    assert len(fake.calls) == 2 and len(L.replays) == 1 and not rep.calls
+    x2 = buf[4:]                                                      # 16 bytes in: aligned
+    go(x=x2)                                                          # replayed
+    tables = q4._tables("nf4", x.device, None)
     assert len(fake.calls) == 2 and len(rep.calls) == 1
-    assert rep.calls[0][:3] == (x2, packed, absmax) and len(rep.calls[0]) == 5
+    assert rep.calls[0][:3] == (x2, packed, absmax)
+    assert rep.calls[0][3] is tables[1] and rep.calls[0][4] is tables[2]
     assert fake._last == (cand, None, _UNTIMED)
-    q4._launch_quant4(key, q4._ALL, False, x2[1:], packed, absmax, 4095, 64)  # another key
-    assert len(fake.calls) == 3
+    go(x=buf[1:4097])                                                 # x misaligned: new key
+    assert len(fake.calls) == 3 and len(L.replays) == 2
+    go(packed=torch.empty(2056, dtype=torch.uint8)[8:])               # outputs misaligned
+    assert len(fake.calls) == 4 and len(L.replays) == 3
+    with q4.forced_coding("cells"):                                   # another coding
+        go()
+    assert len(fake.calls) == 5 and len(L.replays) == 4
+    declining = FakeReplay(ok=False)
+    L.replays[next(iter(L.replays))] = declining                      # the first key's replay
+    go()
+    assert len(declining.calls) == 1 and len(fake.calls) == 6         # fell back to the tuner
+    monkeypatch.setattr(L, "_FAST", False)                            # switched off: no replay
+    go()
+    assert len(fake.calls) == 7 and len(declining.calls) == 1
+    L.clear_cache()
+    assert not L.replays
