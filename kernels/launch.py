@@ -21,8 +21,9 @@ have been caught by the pointer check it skips, so such a tensor (or one not on 
 the JIT path and gets Triton's error. The direct call is used only when the installed Triton's
 runner makes exactly that call (checked once from its source); otherwise hits go through
 ``compiled[grid]``. The interpreter (``TRITON_INTERPRET=1``), CPU tensors and
-``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time; both variables are read once, at import
-(``triton.jit`` itself reads ``TRITON_INTERPRET`` when it decorates a kernel).
+``PEFTLAB_FAST_LAUNCH=0`` take the JIT path every time; both are read once, at import
+(interpretation from Triton's ``knobs.runtime.interpret``, which ``triton.jit`` consults when it
+decorates a kernel and which follows ``TRITON_INTERPRET``).
 
 ``record()`` collects a ``Replay`` of each direct launch made inside it: the same kernel, grid,
 integers and constexprs, called later with other tensors (the caller's own key must fix their

@@ -45,10 +45,10 @@ from peftlab.errors import QuantError
 from peftlab.quant.functional import dequantize_4bit, dequantize_4bit_reference
 from peftlab.quant.state import QuantState
 
+from . import tuning
 from .decode4bit import planes, prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
                                  _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
-from . import tuning
 from .tuning import fastest
 
 MAX_SPLIT = 32
