@@ -6,7 +6,8 @@
 #      trajectories, Linear4bit/QLoRA on CUDA), as parallel pytest processes (par_pytest.sh);
 #   3. a QLoRA GPU smoke run; diagnostics only when named in ONLY: probe (gemv_probe.py),
 #      gemv_vs_dot, adamw_probe, quant_probe (launch paths, quantize kernels, dequantize traffic
-#      ceilings, quantize host cost).
+#      ceilings, quantize host cost), overlap (linear4bit_overlap_probe.py: chunked dequantize
+#      hidden behind cuBLAS at M = 4096, issue 6).
 # Usage on the GPU machine: bash experiments/gpu_check.sh [results_dir]
 # Each step has its own time limit, so one slow step cannot starve the others; every step's
 # output goes to results_dir/gpu_check_<step>.log.
@@ -46,5 +47,6 @@ TAIL=80 step tests "${TESTS_LIMIT:-240}" bash experiments/par_pytest.sh "$RES" $
 [[ " ${ONLY:-} " == *" gemv_vs_dot "* ]] && TAIL=20 step gemv_vs_dot 150 python3 experiments/gemv_vs_dot.py
 [[ " ${ONLY:-} " == *" adamw_probe "* ]] && TAIL=20 step adamw_probe 90 python3 experiments/adamw_probe.py
 [[ " ${ONLY:-} " == *" quant_probe "* ]] && TAIL=60 step quant_probe 200 python3 experiments/quant_probe.py
+[[ " ${ONLY:-} " == *" overlap "* ]] && TAIL=30 step overlap 150 python3 experiments/linear4bit_overlap_probe.py
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false

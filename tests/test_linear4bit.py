@@ -242,3 +242,24 @@ def test_from_weight_and_from_bnb_state_dict():
         Linear4bit.from_weight(w, torch.randn(3))
     with pytest.raises(QuantError, match="ckpt.safetensors.*'bias' is torch.float32 \\(3,\\), expected .*\\(40,\\)"):
         Linear4bit.from_bnb_state_dict(dict(sd, bias=torch.randn(3)), source="ckpt.safetensors")
+
+
+def test_overlap_probe_row_slices(capsys):
+    """experiments/linear4bit_overlap_probe.py (a GPU probe for issue 6): its CPU smoke (row
+    slices of a 4-bit weight decode exactly; the chunked product matches) and its refusal of
+    row ranges that split a quantization block or a nested group."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "linear4bit_overlap_probe.py"
+    spec = importlib.util.spec_from_file_location("linear4bit_overlap_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.smoke() == 0 and "decode exactly" in capsys.readouterr().out
+    packed, state = quantize_4bit(torch.randn(96, 512) * 0.02, 64, "nf4", True)
+    with pytest.raises(QuantError, match="16384-element"):
+        probe.row_slice(packed, state, 8, 40)          # 8 x 512 = 4096: inside a nested group
+    packed, state = quantize_4bit(torch.randn(96, 96) * 0.02, 64, "nf4", False)
+    with pytest.raises(QuantError, match="64-element"):
+        probe.row_slice(packed, state, 1, 96)          # 96 elements: inside a block
+    assert probe.row_ranges(96, 96, 3, 64) == [(0, 32), (32, 64), (64, 96)]
