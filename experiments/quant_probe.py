@@ -2,9 +2,11 @@
 
 Questions for one run (H200: about 2 minutes):
 
-0. Host time per call of quantize_4bit / dequantize_4bit through the cached launch path
-   (kernels/launch.py) and through Triton's JIT launch, interleaved; every quantize kernel
-   variant alone as CUDA-graph replays; the host time of each step of a quantize call.
+0. The host cost of one launch, piece by piece (``launch_costs``); host time per call of
+   quantize_4bit (NF4, FP4) / dequantize_4bit with quantize's replayed launch, the cached
+   launch path (kernels/launch.py) and Triton's JIT launch, interleaved (``launch_paths``);
+   every quantize kernel variant alone as CUDA-graph replays; the host time of each step of a
+   quantize call.
 
 1. Traffic ceilings for dequantize. Dequantizing n weights reads n/2 packed bytes (+ absmax) and
    writes 2n bytes of bf16: a write-heavy mix, unlike a device copy (half reads, half writes).
@@ -25,6 +27,9 @@ Questions for one run (H200: about 2 minutes):
    without synchronising (max of host and device time), and a cProfile of the host side.
 
     python experiments/quant_probe.py [--quant-only]     # --quant-only: section 0 only
+    python experiments/quant_probe.py --launch-only      # launch_costs only
+    python experiments/quant_probe.py --paths-only       # launch_costs and launch_paths
+    python experiments/quant_probe.py --coding-only      # the coding steps and calls vs bnb
 """
 from __future__ import annotations
 
