@@ -8,9 +8,12 @@ double quantization, blocksize 64) this script times, side by side in one run,
   bf16        torch ``F.linear`` with the bf16 weight (cuBLAS): the baseline
   deq+linear  dequantize to bf16 (our Triton dequant, else the reference), then ``F.linear``
   bnb         bitsandbytes ``matmul_4bit`` (when it imports with CUDA)
-  ours        ``matmul_4bit``: the weight decoded inside the tiled tensor-core kernel (split-K
-              for small M) by the PRMT decoder (if it passed its on-device check)
-  ours-table  the same kernel with the portable table-gather decoder (M <= 16 only)
+  ours        ``matmul_4bit``: for M <= 16 the mma.sync kernel (``matmul4bit_mma.py``: each lane
+              decodes the weights of its own MMA fragments), above it the tiled ``tl.dot``
+              kernel (split-K for small M); both with the PRMT decoder (if it passed its
+              on-device check)
+  ours-dot    the tiled ``tl.dot`` kernel at M <= 16 (what ``ours`` ran there before)
+  ours-table  the ``tl.dot`` kernel with the portable table-gather decoder (M <= 16 only)
 
 with ``triton.testing.do_bench`` (median, warm-up excluded, L2 flushed before each repetition)
 over replays of a CUDA graph (so no method's Python launch overhead is timed; a method that
@@ -62,8 +65,12 @@ SMOKE_MS = [1, 17]
 TARGETS = {1: 3.0, 16: 2.5, 4096: 0.95}        # ours / bf16 speedup wanted at these M
 # correctness pass: ((N, K), forward Ms, input-gradient Ms, quant_type, double_quant, dtype, bias,
 # decoders) (few kernel variants: each new one costs a compile)
+# decoder "mma": the default dispatch (the mma.sync kernel for M <= 16)
 CHECKS = [
     ((4096, 4096), (1, 16, 300), (16, 300), "nf4", True, torch.bfloat16, False, ("auto",)),
+    ((4096, 4096), (1, 5, 16), (), "nf4", True, torch.bfloat16, True, ("mma",)),
+    ((28672, 8192), (1, 16), (), "nf4", True, torch.bfloat16, False, ("mma",)),
+    ((4096, 14336), (2, 12), (), "fp4", False, torch.float16, True, ("mma",)),
     ((4096, 4096), (16,), (), "nf4", True, torch.bfloat16, False, ("table",)),
     ((28672, 8192), (1, 16, 257), (), "nf4", True, torch.bfloat16, False, ("auto",)),
     ((4096, 14336), (5, 64), (), "fp4", False, torch.float16, True, ("auto",)),
@@ -145,9 +152,11 @@ def _check_one(what, M, packed, state, W, bias, dtype, ops, decoder) -> float:
     if what == "fwd":
         x = torch.randn(M, K, device=dev, dtype=dtype)
         out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
-        cfg = mm._bucket_configs(ops["fwd_buckets"], mm._m_bucket(M))[0]
+        cfg = (None if decoder == "mma" else
+               mm._bucket_configs(ops["fwd_buckets"], mm._m_bucket(M))[0])
         got = mm.matmul4bit_forward(x, packed, state.code, state.absmax, N, K, 64, bias=bias,
-                                    out=out, config=cfg, decoder=decoder, **raw)
+                                    out=out, config=cfg,
+                                    decoder="auto" if decoder == "mma" else decoder, **raw)
         return rel_err(got, x.double() @ W.T + (0 if bias is None else bias.double()))
     g = torch.randn(M, N, device=dev, dtype=dtype)
     out = torch.full((M, K), float("nan"), device=dev, dtype=dtype)
@@ -198,6 +207,8 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
             "bnb": ((lambda r: ops["bnb_matmul"](xs[r], reps[r][1], reps[r][3]))
                     if bstate is not None and ops["bnb_matmul"] is not None else None, qbytes),
             "ours": (lambda r: ops["matmul_4bit"](xs[r], reps[r][1], reps[r][2]), qbytes),
+            "ours-dot": ((lambda r: ops["dot_only"](xs[r], reps[r][1], reps[r][2]))
+                         if M <= 16 else None, qbytes),
             "ours-table": ((lambda r: ops["matmul_4bit"](xs[r], reps[r][1], reps[r][2], "table"))
                            if M <= 16 else None, qbytes),
         }
@@ -220,6 +231,11 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
                 if base is not None:
                     row["speedup_vs_bf16"] = round(base / ms_, 3)
             rows.append(row)
+        mma = ops["mm"].mma_choice(M, N, K) if cuda and M <= ops["mm"].MMA_MAX_M else None
+        if mma is not None:
+            print(f"  mma tile for {N}x{K} M={M}: (warps, unroll, programs/SM) = {mma[0]}; "
+                  "candidates (us, graph replays, unrotated): "
+                  + ", ".join(f"{c} {t * 1e3:.1f}" for c, t in mma[1]))
         gemv = ops["mm"].gemv_choice(M, N, K) if cuda else None
         if gemv is not None:
             (bn, bk, warps, per_sm, pf), cands = gemv
@@ -337,7 +353,14 @@ def main(argv=None) -> int:
     def ours(x, packed, state, decoder="auto"):
         return Matmul4bitFunction.apply(x, packed, state, None, "triton", decoder)
 
-    ops = dict(mm=mm, matmul_4bit=ours,
+    def dot_only(x, packed, state):     # the tl.dot kernel where the mma one would run
+        keep, mm.MMA_MAX_M = mm.MMA_MAX_M, 0
+        try:
+            return ours(x, packed, state)
+        finally:
+            mm.MMA_MAX_M = keep
+
+    ops = dict(mm=mm, matmul_4bit=ours, dot_only=dot_only,
                dequantize=dequantize,
                dequantize_ref=dequantize_4bit_reference, quantize=quantize_4bit,
                QuantState=QuantState, bnb_matmul=bnb_matmul,

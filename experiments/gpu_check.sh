@@ -7,7 +7,8 @@
 #   3. a QLoRA GPU smoke run; diagnostics only when named in ONLY: probe (gemv_probe.py),
 #      gemv_vs_dot, adamw_probe, quant_probe (launch paths, quantize kernels, dequantize traffic
 #      ceilings, quantize host cost), overlap (linear4bit_overlap_probe.py: chunked dequantize
-#      hidden behind cuBLAS at M = 4096, issue 6).
+#      hidden behind cuBLAS at M = 4096, issue 6), mma (mma_probe.py: the small-M mma.sync kernel's
+#      correctness and speed against bf16 and the tl.dot kernel).
 # Usage on the GPU machine: bash experiments/gpu_check.sh [results_dir]
 # Each step has its own time limit, so one slow step cannot starve the others; every step's
 # output goes to results_dir/gpu_check_<step>.log.
@@ -40,13 +41,15 @@ TAIL=40 step bench_optim "${OPTIM_LIMIT:-150}" python3 experiments/bench_optim.p
 # TESTS / TESTS_LIMIT choose the test files and their time limit; the files run as parallel
 # pytest processes (Triton compiles every variant, CPU-bound), see par_pytest.sh
 TAIL=80 step tests "${TESTS_LIMIT:-240}" bash experiments/par_pytest.sh "$RES" ${TESTS:-tests/test_quant_kernels.py \
-  tests/test_launch.py tests/test_matmul4bit.py tests/test_decode4bit.py tests/test_linear4bit.py \
+  tests/test_launch.py tests/test_matmul4bit.py tests/test_matmul4bit_mma.py tests/test_decode4bit.py \
+  tests/test_linear4bit.py \
   tests/test_paged_adamw.py}
 # the probe and the small-M A/B are diagnostics: only when named in ONLY
 [[ " ${ONLY:-} " == *" probe "* ]] && TAIL=30 step probe 90 python3 experiments/gemv_probe.py --out "$RES/probe"
 [[ " ${ONLY:-} " == *" gemv_vs_dot "* ]] && TAIL=20 step gemv_vs_dot 150 python3 experiments/gemv_vs_dot.py
 [[ " ${ONLY:-} " == *" adamw_probe "* ]] && TAIL=20 step adamw_probe 90 python3 experiments/adamw_probe.py
 [[ " ${ONLY:-} " == *" quant_probe "* ]] && TAIL=60 step quant_probe 200 python3 experiments/quant_probe.py
+[[ " ${ONLY:-} " == *" mma "* ]] && TAIL=60 step mma 300 python3 experiments/mma_probe.py
 [[ " ${ONLY:-} " == *" overlap "* ]] && TAIL=30 step overlap 150 python3 experiments/linear4bit_overlap_probe.py
 TAIL=12 step qlora_gpu 90 python3 -m peftlab train experiments/configs/qlora_gpu_smoke.yaml \
   output_dir=/tmp/qlora_gpu progress=false

@@ -15,13 +15,17 @@ dtype for the table path). Two implementations with identical output bits:
   ``L0..L3`` and high bytes ``H0..H3`` of the 16 codes, 4 codes per register). ``prmt`` picks 4
   bytes out of 8 by 4 selector nibbles, so one ``prmt`` is 4 table lookups into half a table:
 
-      sel  = swap_nibbles(w) & 0x77777777        (e0, e1, e2, e3 | e4..e7 in the high half)
-      m    = prmt(w, w << 4, 0xD9C8)             byte i = 0xFF where index e_i >= 8 (sign mode)
+      sel  = w & 0x77777777                      (e1, e0, e3, e2 | e5, e4, e7, e6 >> 16)
+      m    = prmt(w, w << 4, 0x9D8C)             byte i = 0xFF where nibble i of sel had bit 3
+                                                 set (sign mode on the byte holding that bit)
       lo   = m ? prmt(L2, L3, sel) : prmt(L0, L1, sel)      (lop3)
       hi   = m ? prmt(H2, H3, sel) : prmt(H0, H1, sel)
-      out  = prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)     16-bit values e0 | e1 << 16, ...
+      out  = prmt(lo, hi, 0x4051), prmt(lo, hi, 0x6273)     16-bit values e0 | e1 << 16, ...
 
-  23 instructions for 8 weights (~2.9 each), no memory traffic. Its output is compared bit for
+  The interleave puts each pair back in memory order, so the nibbles need no swap: 21
+  instructions for 8 weights (~2.6 each), no memory traffic. ``decode_pairs`` returns the four
+  32-bit pairs as they are (the register layout of a 16-bit MMA operand); ``decode8`` splits
+  them into eight 16-bit values. Its output is compared bit for
   bit with the table path on every byte value in every position (``prmt_decoder_ok``) once per
   device and dtype before the kernels use it; a mismatch or a compile error falls back to the
   table path with a warning.
@@ -38,26 +42,36 @@ import triton.language as tl
 SHIFTS = (4, 0, 12, 8, 20, 16, 28, 24)   # bit offset of e0..e7 in the word
 
 
-def _lookup(sel: str, mask: str, lo: str, hi: str) -> str:
-    """PTX: 4 table lookups by the selector nibbles of ``sel`` (both halves, both byte planes;
-    ``mask`` bytes choose the upper half) -> low bytes in ``lo``, high bytes in ``hi``."""
-    return (f"prmt.b32 la, $9, $10, {sel};\nprmt.b32 lb, $11, $12, {sel};\n"
-            f"prmt.b32 ha, $13, $14, {sel};\nprmt.b32 hb, $15, $16, {sel};\n"
-            f"lop3.b32 {lo}, la, lb, {mask}, 0xD8;\nlop3.b32 {hi}, ha, hb, {mask}, 0xD8;\n")
+def _prmt_ptx(pairs: bool) -> str:
+    """The PRMT decoder's PTX. Eight 16-bit outputs ``$0..$7`` (e0..e7), or with ``pairs`` four
+    32-bit outputs ``$0..$3`` holding (e0, e1), (e2, e3), (e4, e5), (e6, e7) low half first: the
+    operand layout of a 16-bit MMA fragment register. Then the word, then planes L0..L3, H0..H3."""
+    n_out = 4 if pairs else 8
+    w = f"${n_out}"
+    p = [f"${n_out + 1 + i}" for i in range(8)]
+
+    def lookup(sel, mask, lo, hi):   # 4 lookups by the nibbles of sel, both planes
+        return (f"prmt.b32 la, {p[0]}, {p[1]}, {sel};\nprmt.b32 lb, {p[2]}, {p[3]}, {sel};\n"
+                f"prmt.b32 ha, {p[4]}, {p[5]}, {sel};\nprmt.b32 hb, {p[6]}, {p[7]}, {sel};\n"
+                f"lop3.b32 {lo}, la, lb, {mask}, 0xD8;\nlop3.b32 {hi}, ha, hb, {mask}, 0xD8;\n")
+    o = ["$0", "$1", "$2", "$3"] if pairs else ["o0", "o1", "o2", "o3"]
+    split = "" if pairs else (
+        "mov.b32 {$0, $1}, o0;\nmov.b32 {$2, $3}, o1;\nmov.b32 {$4, $5}, o2;\n"
+        "mov.b32 {$6, $7}, o3;\n")
+    return ("{\n.reg .b32 l4, sel, s23, m01, m23, la, lb, ha, hb, x01, y01, x23, y23, o0, o1, o2, "
+            "o3;\n"
+            f"shl.b32 l4, {w}, 4;\nand.b32 sel, {w}, 0x77777777;\nshr.u32 s23, sel, 16;\n"
+            f"prmt.b32 m01, {w}, l4, 0x9D8C;\nprmt.b32 m23, {w}, l4, 0xBFAE;\n"
+            + lookup("sel", "m01", "x01", "y01") + lookup("s23", "m23", "x23", "y23")
+            + f"prmt.b32 {o[0]}, x01, y01, 0x4051;\nprmt.b32 {o[1]}, x01, y01, 0x6273;\n"
+            f"prmt.b32 {o[2]}, x23, y23, 0x4051;\nprmt.b32 {o[3]}, x23, y23, 0x6273;\n"
+            + split + "}")
 
 
-# $8: the word, $9..$16: byte planes L0..L3, H0..H3; $0..$7: e0..e7 (16-bit)
-_PRMT_ASM = tl.constexpr(
-    "{\n.reg .b32 r4, l4, sw, s23, m01, m23, la, lb, ha, hb, x01, y01, x23, y23, o0, o1, o2, o3;\n"
-    "shr.u32 r4, $8, 4;\nshl.b32 l4, $8, 4;\n"
-    "lop3.b32 sw, r4, l4, 0x0F0F0F0F, 0xE4;\n"          # swap the nibbles of every byte
-    "and.b32 sw, sw, 0x77777777;\nshr.u32 s23, sw, 16;\n"
-    "prmt.b32 m01, $8, l4, 0xD9C8;\nprmt.b32 m23, $8, l4, 0xFBEA;\n"
-    + _lookup("sw", "m01", "x01", "y01") + _lookup("s23", "m23", "x23", "y23")
-    + "prmt.b32 o0, x01, y01, 0x5140;\nprmt.b32 o1, x01, y01, 0x7362;\n"
-    "prmt.b32 o2, x23, y23, 0x5140;\nprmt.b32 o3, x23, y23, 0x7362;\n"
-    "mov.b32 {$0, $1}, o0;\nmov.b32 {$2, $3}, o1;\nmov.b32 {$4, $5}, o2;\nmov.b32 {$6, $7}, o3;\n}")
+_PRMT_ASM = tl.constexpr(_prmt_ptx(pairs=False))
 _PRMT_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r")
+_PAIRS_ASM = tl.constexpr(_prmt_ptx(pairs=True))
+_PAIRS_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r,r,r,r,r")
 
 
 @triton.jit
@@ -83,6 +97,16 @@ def decode8(wd, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, USE_PRMT: tl.constexpr
                 tl.load(code_ptr + ((wd >> 12) & 15)), tl.load(code_ptr + ((wd >> 8) & 15)),
                 tl.load(code_ptr + ((wd >> 20) & 15)), tl.load(code_ptr + ((wd >> 16) & 15)),
                 tl.load(code_ptr + ((wd >> 28) & 15)), tl.load(code_ptr + ((wd >> 24) & 15)))
+
+
+@triton.jit
+def decode_pairs(wd, t0, t1, t2, t3, t4, t5, t6, t7):
+    """int32 words (any shape) -> four int32 of that shape: the 16-bit codes (e0, e1), (e2, e3),
+    (e4, e5), (e6, e7), low half first (PRMT path only: CUDA, 16-bit table planes)."""
+    return tl.inline_asm_elementwise(_PAIRS_ASM, _PAIRS_CONSTRAINTS,
+                                     [wd, t0, t1, t2, t3, t4, t5, t6, t7],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
 
 
 @triton.jit

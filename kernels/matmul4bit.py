@@ -49,7 +49,10 @@ from . import tuning
 from .decode4bit import planes, prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
                                  _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
+from .matmul4bit_mma import STEP, _mm4_mma_kernel
 from .tuning import fastest
+
+_MMA_STEP = STEP.value     # K per step of the mma kernel
 
 MAX_SPLIT = 32
 # Rows of x up to which the CUDA-core GEMV kernel runs (fast layout only). 0: never by default.
@@ -66,6 +69,20 @@ GEMV_CONFIGS = [(8, 1024, 4, 8, False), (16, 512, 4, 8, True), (32, 512, 4, 8, F
                 (128, 256, 8, 4, False), (4, 2048, 4, 8, False)]
 GEMV_TIMES: Dict[Tuple, list] = {}      # key -> [(config, ms)] of the timed choice
 _GEMV_BEST: Dict[Tuple, tuple] = {}
+# Rows of x up to which the hand-placed mma.sync kernel (``matmul4bit_mma.py``) runs on CUDA
+# (bf16/fp16 x, K % 64 == 0, blocksize % 64 == 0, PRMT decoder verified); 0 turns it off, as does
+# PEFTLAB_4BIT_MMA=0. Tiles: (warps, K steps in flight per warp, programs per SM wanted, decoder:
+# False = PRMT, True = the shared-memory pair table), the fastest per (M bucket, N, K, blocksize,
+# nesting, dtype, bias) picked by timing CUDA-graph replays once. The shared-table decoder is
+# not among the defaults: it was slower on every shape measured (H200, 69.5 vs 75.3 us on
+# 28672x8192 at M = 1, results/logs/h200_mma_probe_s16_lut.log); pin (w, u, p, True) to use it.
+MMA_MAX_M = 16
+MMA_CONFIGS = [(4, 2, 4, False), (4, 4, 4, False), (8, 2, 2, False), (2, 2, 8, False),
+               (4, 1, 8, False), (1, 1, 16, False)]
+_PAIRS: Dict[Tuple, tuple] = {}
+MMA_TIMES: Dict[Tuple, list] = {}
+_MMA_BEST: Dict[Tuple, tuple] = {}
+_TAB32: Dict[Tuple, tuple] = {}
 IMPLS = ("auto", "triton", "reference")
 DECODERS = ("auto", "prmt", "table")
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -285,6 +302,10 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     if isinstance(config, tuple) and not q.fast:
         raise QuantError(f"matmul_4bit: a GEMV tile config {config} needs K % blocksize == 0 "
                          f"and blocksize >= 32, got K = {K}, blocksize = {blocksize}")
+    if isinstance(config, tuple) and config[0] == "mma" or config is None and _mma_ok(
+            x, q, M, decoder):
+        _mma(x, q, bias, out, M, N, K, None if config is None else config[1:], split_k)
+        return out
     if q.fast and (config is None and M <= GEMV_MAX_M or isinstance(config, tuple)):
         _gemv(x, q, bias, out, M, N, K, config, split_k, _use_prmt(x, q.fast, decoder))
         return out
@@ -307,6 +328,123 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     _launch(_mm4_fwd_kernel, _mm4_fwd_tuned, grid, args, consts, config,
             _bucket_configs(_FWD_BUCKETS, mb))
     return out
+
+
+def _mma_unfit(x: torch.Tensor, q: "_Quant") -> Optional[str]:
+    """Why the mma.sync kernel cannot take x and this weight, or None if it can."""
+    if not x.is_cuda or _interpreting():
+        return "needs a CUDA tensor (its inline PTX does not run interpreted)"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"takes bfloat16 or float16 x, got {x.dtype}"
+    if not (q.fast and q.K % _MMA_STEP == 0 and q.bs % _MMA_STEP == 0):
+        return (f"needs K and the blocksize to be multiples of {_MMA_STEP}, got K = {q.K}, "
+                f"blocksize = {q.bs}")
+    if q.bs2 & (q.bs2 - 1):
+        return f"needs a power-of-two nested blocksize, got {q.bs2}"
+    if x.data_ptr() % 16 or x.stride(0) % 8:
+        return "needs x rows on 16-byte boundaries"
+    if not prmt_decoder_ok(x.device, x.dtype):
+        return "needs the PRMT decoder, which failed its on-device check"
+    return None
+
+
+def _mma_ok(x: torch.Tensor, q: "_Quant", M: int, decoder: str) -> bool:
+    """Whether the mma.sync kernel takes this call by default (see ``MMA_MAX_M``)."""
+    return (M <= MMA_MAX_M and os.environ.get("PEFTLAB_4BIT_MMA", "1") != "0"
+            and _mma_unfit(x, q) is None and _use_prmt(x, q.fast, decoder))
+
+
+def _tab32(tab: torch.Tensor) -> torch.Tensor:
+    """The 8 byte-plane words repeated once per lane (int32 [256]): each lane loads its own copy,
+    so the planes stay in ordinary registers (see the kernel)."""
+    key = (tab.data_ptr(), str(tab.device))
+    hit = _TAB32.get(key)
+    if hit is None or hit[0]() is not tab:
+        if len(_TAB32) > 256:
+            _TAB32.clear()
+        hit = (weakref.ref(tab), tab.repeat(32))
+        _TAB32[key] = hit
+    return hit[1]
+
+
+def _pairs(table: torch.Tensor) -> torch.Tensor:
+    """int32 [256]: for each byte value b, the 16-bit codes table[b >> 4] (low half: the high
+    nibble is the first element) and table[b & 15] (high half), for the shared-memory decoder."""
+    key = (table.data_ptr(), str(table.device))
+    hit = _PAIRS.get(key)
+    if hit is None or hit[0]() is not table:
+        if len(_PAIRS) > 256:
+            _PAIRS.clear()
+        bits = table.view(torch.int16).to(torch.int64) & 0xFFFF
+        b = torch.arange(256, device=table.device)
+        v = bits[b >> 4] | bits[b & 15] << 16
+        hit = (weakref.ref(table), torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32))
+        _PAIRS[key] = hit
+    return hit[1]
+
+
+def _mma_splits(cfg, M: int, N: int, K: int, device) -> Tuple[int, int]:
+    """(splits, K per split) for tile ``cfg`` = (warps, unroll, programs per SM): whole unrolled
+    steps per split, no empty split, partials at most the packed weight's K/2 bytes a row."""
+    warps, unroll, per_sm = cfg[:3]
+    units = K // (_MMA_STEP * unroll * warps)
+    tiles = _cdiv(N, 16)
+    s = max(1, min(_cdiv(per_sm * _num_sms(device), tiles), units, MAX_SPLIT,
+                   max(1, K // (16 * M))))
+    per = _cdiv(units, s)
+    return _cdiv(units, per), per * _MMA_STEP * unroll * warps
+
+
+def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
+    """Launch ``_mm4_mma_kernel`` with tile ``config`` (warps, unroll, programs per SM, LUT) or the
+    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key)."""
+    why = _mma_unfit(x, q)
+    if why is not None or M > 16:
+        raise QuantError(f"matmul_4bit: the mma kernel {why or f'takes M <= 16 rows, got {M}'}")
+    table, tab = _tables(q.code, x.dtype)
+    x32 = x.view(torch.int32)
+    bias_t = bias.contiguous() if bias is not None else out
+
+    def launch(cfg):
+        warps, unroll, _, lut = (*cfg, True)[:4]          # LUT unless pinned off
+        s, per = _mma_splits(cfg, M, N, K, x.device)
+        if split_k:
+            chunk = _MMA_STEP * unroll * warps
+            per = _cdiv(K // chunk, split_k) * chunk
+            s = _cdiv(K, per)
+        tiles = _cdiv(N, 16)
+        _mm4_mma_kernel[(tiles, s)](
+            x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
+            q.off, bias_t, out, _workspace(s, M, N, x.device), _counters(x.device, tiles), M,
+            N, K, K // q.bs, x.stride(0), out.stride(0), per,
+            BS_SHIFT=(q.bs // 8).bit_length() - 1, BS2_SHIFT=q.bs2.bit_length() - 1,
+            NESTED=q.nested, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
+            NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)
+
+    if config is None:
+        key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device))
+        config = _MMA_BEST.get(key)
+        if config is None:
+            cands = [c for c in MMA_CONFIGS if K % (_MMA_STEP * c[0] * c[1]) == 0]
+            if (os.environ.get("PEFTLAB_GEMV_TUNE", "1") == "0"
+                    or torch.cuda.is_current_stream_capturing()):
+                config = cands[0]           # no timing (or inside a user's graph capture)
+            else:                           # GPU time from graph replays, not launch cost
+                config, MMA_TIMES[key] = fastest(
+                    cands, lambda c: tuning.graph_ms(lambda: launch(c)), "matmul_4bit mma")
+                _MMA_BEST[key] = config
+    elif K % (_MMA_STEP * config[0] * config[1]):
+        raise QuantError(f"matmul_4bit: mma tile {config} takes K in chunks of "
+                         f"{_MMA_STEP} x {config[0]} warps x {config[1]} steps, which do not "
+                         f"divide K = {K}")
+    launch(config)
+
+
+def mma_choice(M: int, N: int, K: int) -> Optional[tuple]:
+    """(tile, [(tile, ms) of every candidate]) of the mma kernel for this shape, or None."""
+    mb = _m_bucket(M)
+    return next(((v, MMA_TIMES.get(k, [])) for k, v in _MMA_BEST.items()
+                 if k[:3] == (mb, N, K)), None)
 
 
 def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None:

@@ -46,6 +46,24 @@ def fastest(candidates: Sequence[T], time_fn: Callable[[T], float], what: str,
     return best, times
 
 
+def graph_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """GPU milliseconds per call of ``fn`` from CUDA-graph replays of ``calls`` calls: no host
+    launch cost, which for a kernel of a few microseconds would otherwise be all that
+    ``do_bench`` sees. ``fn`` runs twice eagerly first, on the capture stream (compilation, and
+    per-stream buffers such as split-K counters get allocated and zeroed for real)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return float(triton.testing.do_bench(graph.replay, warmup=3, rep=20)) / calls
+
+
 _UNTIMED = " (untimed: small)"   # the note on picks made below the tuning threshold
 
 

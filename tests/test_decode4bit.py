@@ -34,15 +34,18 @@ def lop3(a, b, c, lut):
                for i in range(32))
 
 
-def run_ptx(word, plane_words):
-    """Execute the decoder's PTX on one word: returns the eight 16-bit outputs $0..$7."""
-    regs = {f"${i + 8}": v & M32 for i, v in enumerate([word] + plane_words)}
+def run_ptx(word, plane_words, asm=None):
+    """Execute a decoder's PTX on one word: the eight 16-bit outputs e0..e7 (``decode8``'s
+    program) or, for ``decode_pairs``' program, its four 32-bit outputs split low half first."""
+    asm = asm or d._PRMT_ASM.value
+    n_out = 4 if asm == d._PAIRS_ASM.value else 8
+    regs = {f"${i + n_out}": v & M32 for i, v in enumerate([word] + plane_words)}
     outs = {}
 
     def val(tok):
         tok = tok.strip()
         return int(tok, 0) if tok[0].isdigit() else regs[tok]
-    for line in d._PRMT_ASM.value.splitlines():
+    for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if not line or line[0] in "{}." or line.startswith(".reg"):
             continue
@@ -56,10 +59,14 @@ def run_ptx(word, plane_words):
         regs[dst] = {"shr.u32": lambda: v[0] >> v[1], "shl.b32": lambda: v[0] << v[1],
                      "and.b32": lambda: v[0] & v[1], "prmt.b32": lambda: prmt(*v),
                      "lop3.b32": lambda: lop3(*v)}[op]() & M32
+    if n_out == 4:
+        return [h for i in range(4) for h in (regs[f"${i}"] & 0xFFFF, regs[f"${i}"] >> 16)]
     return [outs[f"${i}"] for i in range(8)]
 
 
-def test_prmt_program_equals_table_lookup_on_every_byte_in_every_position():
+@pytest.mark.parametrize("pairs", [False, True])
+def test_prmt_program_equals_table_lookup_on_every_byte_in_every_position(pairs):
+    asm = d._PAIRS_ASM.value if pairs else d._PRMT_ASM.value
     words = [w & M32 for w in d.check_words("cpu").tolist()] + [0, M32, 0x88888888, 0x77777777]
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -69,7 +76,8 @@ def test_prmt_program_equals_table_lookup_on_every_byte_in_every_position():
         plane_words = [sum(p[4 * q + i] << 8 * i for i in range(4)) for p in (lo, hi)
                        for q in range(4)]
         for w in words[::3]:
-            assert run_ptx(w, plane_words) == [table[(w >> s) & 15] for s in d.SHIFTS], hex(w)
+            assert run_ptx(w, plane_words, asm) == [table[(w >> s) & 15] for s in d.SHIFTS], \
+                hex(w)
 
 
 def test_planes_split_low_and_high_bytes():

@@ -234,5 +234,5 @@ def test_benchmark_smoke_run_writes_table_csv_and_plot(tmp_path, capsys):
     assert "PASS" in printed and "FAIL" not in printed
     assert "MET (" in printed or "MISS " in printed                          # the M=1 target
     lines = (tmp_path / "bench_kernels_smoke.csv").read_text().splitlines()
-    assert lines[0].startswith("gpu,date") and len(lines) == 1 + 2 * 5      # 2 M x 5 methods
+    assert lines[0].startswith("gpu,date") and len(lines) == 1 + 2 * 6      # 2 M x 6 methods
     assert (tmp_path / "bench_kernels_roofline_smoke.png").stat().st_size > 1000

@@ -1,0 +1,128 @@
+"""Probe for the small-M mma.sync 4-bit matmul (kernels/matmul4bit_mma.py), issue 6. GPU only.
+
+1. Correctness: ``matmul4bit_forward`` through the mma kernel (every tile of MMA_CONFIGS that
+   fits, plus the tuned pick) against a float64 dequantize-then-matmul, into NaN-poisoned
+   outputs: M = 1, 3, 8, 9, 16; N not a multiple of the 64-row tile; bf16 and fp16; NF4 and FP4;
+   with and without double quantization and bias; blocksize 64 and 128; a pinned split-K.
+2. Speed (CUDA graphs, inputs rotated through ~3x L2, as bench_kernels.py): torch bf16
+   ``F.linear``, the mma kernel (tuned; every candidate's time printed), and the ``tl.dot``
+   split-K kernel it replaces (MMA_MAX_M = 0), at M = 1 and 16 on the five Llama shapes.
+
+    python experiments/mma_probe.py [--no-speed]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quant import nbytes, replicas, timed  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+
+
+def _raw(state):
+    return dict(absmax2=state.absmax2, code2=state.code2, offset=state.offset,
+                blocksize2=state.blocksize2 or 256)
+
+
+def check(mm, quantize, deq_ref) -> int:
+    """Print one line per case; return the number of failures."""
+    fails = 0
+    cases = []
+    for (N, K) in [(1000, 4096), (4096, 1024)]:
+        for M in (1, 3, 8, 9, 16):
+            cases.append((N, K, M, torch.bfloat16, "nf4", True, M == 3, 64, None))
+    cases += [(520, 2048, 1, torch.float16, "nf4", True, False, 64, None),
+              (520, 2048, 16, torch.float16, "fp4", True, True, 64, None),
+              (520, 2048, 5, torch.bfloat16, "fp4", False, False, 64, None),
+              (520, 2048, 12, torch.bfloat16, "nf4", False, True, 128, None),
+              (768, 4096, 2, torch.bfloat16, "nf4", True, False, 256, None),
+              (4096, 4096, 1, torch.bfloat16, "nf4", True, False, 64, 3)]
+    for N, K, M, dt, qt, dq, has_bias, bs, split in cases:
+        torch.manual_seed(N + K + M)
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, st = quantize(w, blocksize=bs, quant_type=qt, double_quant=dq)
+        W = deq_ref(packed, st, torch.float32).double()
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        bias = torch.randn(N, device="cuda", dtype=dt) if has_bias else None
+        ref = x.double() @ W.T + (0 if bias is None else bias.double())
+        cfgs = [None] + [("mma",) + c for c in mm.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+        errs = []
+        for cfg in cfgs:
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+            y = mm.matmul4bit_forward(x, packed, st.code, st.absmax, N, K, bs, bias=bias,
+                                      out=out, config=cfg, split_k=split, **_raw(st))
+            y = y.double()
+            err = float("inf") if not torch.isfinite(y).all() else float(
+                (y - ref).norm() / ref.norm())
+            errs.append(err)
+        tol = 1e-2 if dt == torch.bfloat16 else 3e-3
+        ok = max(errs) < tol
+        fails += not ok
+        print(f"  {N}x{K} M={M} {str(dt)[6:]} {qt}{'+dq' if dq else ''} bs={bs} "
+              f"bias={has_bias} split={split}: max rel err {max(errs):.2e} over "
+              f"{len(errs)} tiles {'PASS' if ok else 'FAIL'}")
+    return fails
+
+
+def speed(mm, quantize) -> None:
+    print(f"{'shape':>12} {'M':>3} {'bf16 us':>8} {'mma us':>8} {'dot us':>8} "
+          f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, unrotated)")
+    for N, K in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, st = quantize(w, blocksize=64, quant_type="nf4", double_quant=True)
+        R = replicas(nbytes(packed), True)
+        reps = [(w, packed, st)] + [copy.deepcopy((w, packed, st)) for _ in range(R - 1)]
+        for M in (1, 16):
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
+
+            def ours(r):
+                return mm.matmul_4bit(xs[r], reps[r][1], reps[r][2])
+
+            def dot(r):
+                keep, mm.MMA_MAX_M = mm.MMA_MAX_M, 0
+                try:
+                    return mm.matmul_4bit(xs[r], reps[r][1], reps[r][2])
+                finally:
+                    mm.MMA_MAX_M = keep
+            t_bf, _ = timed(lambda r: F.linear(xs[r], reps[r][0]), True, R)
+            t_mma, _ = timed(ours, True, R)
+            t_dot, _ = timed(dot, True, R)
+            d = (ours(0).double() - dot(0).double()).norm() / dot(0).double().norm()
+            tile, cands = mm.mma_choice(M, N, K) or ("?", [])
+            print(f"{N:>6}x{K:<6} {M:>3} {t_bf * 1e3:8.1f} {t_mma * 1e3:8.1f} {t_dot * 1e3:8.1f} "
+                  f"{t_bf / t_mma:8.2f}x {t_bf / t_dot:8.2f}x  {tile}; "
+                  + ", ".join(f"{c} {t * 1e3:.1f}" for c, t in cands)
+                  + f"; |mma-dot|/|dot| {d:.1e}")
+        reps = xs = None
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--no-speed", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 2
+    from peftlab.kernels import matmul4bit as mm
+    from peftlab.quant import dequantize_4bit_reference, quantize_4bit
+    print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    fails = check(mm, quantize_4bit, dequantize_4bit_reference)
+    print(f"correctness: {fails} failing case(s)")
+    if not args.no_speed:
+        speed(mm, quantize_4bit)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Small-M fused 4-bit matmul with hand-placed tensor-core fragments (``mma.sync``), issue 6.
+
+QLoRA's frozen layer (Dettmers et al. 2023, arXiv 2305.14314, section 3, eq. 5) at decode time,
+M = 1..16 rows of x:
+
+    y[m, n] = sum_b absmax[n, b] * sum_{k in block b} x[m, k] * code[q[n, k]]    (+ bias[n])
+
+is a matrix-vector product bound by reading the weight: 0.5 byte per weight plus its absmax,
+against bf16 ``F.linear``'s 2 bytes, so the ceiling is about 3.9x bf16. The ``tl.dot`` kernel of
+``matmul4bit_kernels.py`` decodes a [BN, BK] tile and lets Triton move it into the MMA operand
+layout (shared memory and shuffles), which costs more issue slots than the memory system leaves.
+Here every lane decodes exactly the weights that ``mma.sync.m16n8k16`` wants in its registers,
+so nothing moves between lanes.
+
+Fragments (PTX ISA, ``mma.m16n8k16`` with 16-bit A/B, f32 C), lane = 4 g + t, g = 0..7, t = 0..3:
+
+    A [16 x 16]  a0 = A[g, 2t:2t+2]   a1 = A[g+8, 2t:2t+2]   a2 = A[g, 2t+8:2t+10]   a3 = A[g+8, ..]
+    B [16 x 8]   b0 = B[2t:2t+2, g]   b1 = B[2t+8:2t+10, g]
+    C [16 x 8]   c0, c1 = C[g, 2t], C[g, 2t+1]         c2, c3 = C[g+8, 2t], C[g+8, 2t+1]
+
+A's rows are 16 rows of W (one warp), B's columns are up to 8 rows of x, C = W x^T. A sum over
+k does not care which k sits in which of the 16 slots, as long as A and B agree. Per K step of
+64 (one quantization block when B >= 64), lane (g, t) loads the two int32 words of rows g and
+g+8 at k0 + 16t .. k0 + 16t + 15 (8 bytes each; a row's 4 lanes read its 32 contiguous bytes),
+decodes each word into four bf16/fp16 pairs in memory order (``decode4bit.decode_pairs``: 23
+instructions per 8 weights), and MMA j (j = 0..3) takes the codes k0 + 16t + 4j .. + 3:
+
+    slot 2t, 2t+1  <->  k0 + 16t + 4j + 0, 1         slot 2t+8, 2t+9  <->  k0 + 16t + 4j + 2, 3
+
+with B from x[m, the same k] (the lane loads its 32 contiguous bytes of x row m = g, or 8 + g
+for the second column group). The four MMAs start from zero, so afterwards C holds the block's
+unscaled row sums, and ``acc += C * absmax[row, block]`` (four float32 FMAs per lane; the absmax,
+double-quantized or not, decoded per row). Products and sums are float32 in the tensor core,
+which is more precise than the reference (dequantize to bf16, then ``F.linear``).
+
+Lanes find their role from ``%tid.x`` (inline PTX), and every tensor in the loop is [32 warps]
+with one element per thread, so the lane that loads is the lane that multiplies. Split-K as in
+``matmul4bit_kernels._epilogue`` (workspace, counters, the last program reduces in a fixed
+order). Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0 and blocksize % 64 == 0
+(a K step inside one block); ``matmul4bit.py`` falls back to the ``tl.dot`` kernel otherwise.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode4bit import decode_pairs
+from .matmul4bit_kernels import _epilogue
+
+STEP = tl.constexpr(64)    # K per step: 4 lanes x 16 codes
+
+
+def _mma_ptx(ab: str) -> str:
+    """Four chained m16n8k16 MMAs from zero: $0..$3 = C; A fragments $4..$19 (a0..a3 of MMA 0,
+    then 1, 2, 3), B fragments $20..$27 (b0, b1 of MMA 0..3)."""
+    op = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
+    lines = ["{", ".reg .f32 z, d0, d1, d2, d3;", "mov.f32 z, 0f00000000;"]
+    for j in range(4):
+        a = ", ".join(f"${4 + 4 * j + i}" for i in range(4))
+        c = "z, z, z, z" if j == 0 else "d0, d1, d2, d3"
+        lines.append(f"{op} {{d0, d1, d2, d3}}, {{{a}}}, {{${20 + 2 * j}, ${21 + 2 * j}}}, {{{c}}};")
+    lines += ["mov.f32 $0, d0;", "mov.f32 $1, d1;", "mov.f32 $2, d2;", "mov.f32 $3, d3;", "}"]
+    return "\n".join(lines)
+
+
+_MMA_BF16 = tl.constexpr(_mma_ptx("bf16"))
+_MMA_F16 = tl.constexpr(_mma_ptx("f16"))
+_MMA_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f," + ",".join(["r"] * 24))
+
+
+@triton.jit
+def _thread_ids(THREADS: tl.constexpr):
+    """[THREADS] int32: the id (%tid.x) of the thread holding each element."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.arange(0, THREADS)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _ld2(ptr):
+    """Two int32 at ``ptr`` (8-byte aligned) in one 8-byte load, read-only path."""
+    return tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l",
+                                     [ptr.to(tl.int64)], dtype=(tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _ld4(ptr):
+    """Four int32 at ``ptr`` (16-byte aligned) in one 16-byte load."""
+    return tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+                                     "=r,=r,=r,=r,l", [ptr.to(tl.int64)],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
+# A shared-memory table of the 256 byte values -> their two codes as a 16-bit pair (e0 = the high
+# nibble in the low half), 32 copies so that lane l reads copy l: word e*32 + l sits in bank l,
+# so a warp's 32 lookups never conflict. 32 KB, declared in PTX (static shared memory).
+_LUT_WORDS = tl.constexpr(256 * 32)
+_LUT_DECL = tl.constexpr("{\n.shared .align 16 .b32 peftlab_pairs[8192];\n"
+                         "mov.u32 $0, peftlab_pairs;\n}")
+_LUT_PAIRS = tl.constexpr(
+    "{\n.reg .b32 b, a;\n" + "".join(
+        f"prmt.b32 b, $4, 0, 0x444{j};\nmad.lo.u32 a, b, 128, $5;\nld.shared.b32 ${j}, [a];\n"
+        for j in range(4)) + "}")
+
+
+@triton.jit
+def _lut_base(tid):
+    """Shared-memory address (32-bit) of the pair table, per element of ``tid``."""
+    return tl.inline_asm_elementwise(_LUT_DECL, "=r,r", [tid], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _st_shared(addr, val):
+    """st.shared of ``val`` at 32-bit shared address ``addr`` (returns a dummy 0)."""
+    return tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\nmov.u32 $0, 0;", "=r,r,r",
+                                     [addr, val], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _lut_pairs(wd, lane_base):
+    """int32 words -> their four 16-bit code pairs, looked up byte by byte in the shared table
+    (``lane_base``: table address + 4 * lane): per byte a prmt, an address and an LDS."""
+    return tl.inline_asm_elementwise(_LUT_PAIRS, "=r,=r,=r,=r,r,r", [wd, lane_base],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
+          x0, x1, x2, x3, x4, x5, x6, x7, IS_BF16: tl.constexpr):
+    """C of one step: rows g (pairs g0..g7 = two words) and g + 8 (h0..h7) against x pairs."""
+    args = [g0, h0, g1, h1, g2, h2, g3, h3, g4, h4, g5, h5, g6, h6, g7, h7,
+            x0, x1, x2, x3, x4, x5, x6, x7]
+    if IS_BF16:
+        return tl.inline_asm_elementwise(_MMA_BF16, _MMA_CONSTRAINTS, args,
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_MMA_F16, _MMA_CONSTRAINTS, args,
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q,
+               BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+               NCOL: tl.constexpr):
+    """Everything one K step reads (issued one iteration ahead of its use): the words of rows g
+    and g+8, the x fragments of 1 or 2 column groups (the second = the first when NCOL == 1),
+    and the absmax of both rows (nested: the uint8 code and its block's absmax2)."""
+    gw0, gw1 = _ld2(wg + q)
+    hw0, hw1 = _ld2(wh + q)
+    x0, x1, x2, x3 = _ld4(xp0 + 4 * q)
+    x4, x5, x6, x7 = _ld4(xp0 + 4 * q + 4)
+    if NCOL == 2:
+        y0, y1, y2, y3 = _ld4(xp1 + 4 * q)
+        y4, y5, y6, y7 = _ld4(xp1 + 4 * q + 4)
+    else:
+        y0, y1, y2, y3, y4, y5, y6, y7 = x0, x1, x2, x3, x4, x5, x6, x7
+    kb = q >> BS_SHIFT                            # block in the row: q // (BS / 8), q >= 0
+    if NESTED:
+        ra_g = tl.load(amg + kb).to(tl.int32)      # uint8 code, widened at the load
+        ra_h = tl.load(amh + kb).to(tl.int32)
+        s2_g = tl.load(am2_ptr + ((bg + kb) >> BS2_SHIFT))
+        s2_h = tl.load(am2_ptr + ((bh + kb) >> BS2_SHIFT))
+    else:
+        ra_g = tl.load(amg + kb)
+        ra_h = tl.load(amh + kb)
+        s2_g = ra_g
+        s2_h = ra_h
+    return (gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7,
+            ra_g, ra_h, s2_g, s2_h)
+
+
+@triton.jit
+def _absmax_of(ra, s2, code2_ptr, off, NESTED: tl.constexpr):
+    """float32 absmax from what ``_load_step`` read (double quantization: code2[q] * s2 + off)."""
+    if NESTED:
+        return tl.load(code2_ptr + ra) * s2 + off
+    else:
+        return ra
+
+
+@triton.jit
+def _compute_step(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
+                  y0, y1, y2, y3, y4, y5, y6, y7, ra_g, ra_h, s2_g, s2_h,
+                  code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7,
+                  acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+                  NESTED: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
+                  LUT: tl.constexpr):
+    """Decode one step's 4 words, 4 (or 8) MMAs, and add C * absmax to the accumulators."""
+    a_g = _absmax_of(ra_g, s2_g, code2_ptr, off, NESTED)
+    a_h = _absmax_of(ra_h, s2_h, code2_ptr, off, NESTED)
+    if LUT:                          # t0: this lane's base address in the shared table
+        g0, g1, g2, g3 = _lut_pairs(gw0, t0)
+        g4, g5, g6, g7 = _lut_pairs(gw1, t0)
+        h0, h1, h2, h3 = _lut_pairs(hw0, t0)
+        h4, h5, h6, h7 = _lut_pairs(hw1, t0)
+    else:                            # t0..t7: the byte planes of the PRMT decoder
+        g0, g1, g2, g3 = decode_pairs(gw0, t0, t1, t2, t3, t4, t5, t6, t7)
+        g4, g5, g6, g7 = decode_pairs(gw1, t0, t1, t2, t3, t4, t5, t6, t7)
+        h0, h1, h2, h3 = decode_pairs(hw0, t0, t1, t2, t3, t4, t5, t6, t7)
+        h4, h5, h6, h7 = decode_pairs(hw1, t0, t1, t2, t3, t4, t5, t6, t7)
+    c0, c1, c2, c3 = _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
+                           x0, x1, x2, x3, x4, x5, x6, x7, IS_BF16)
+    acc0 += c0 * a_g
+    acc1 += c1 * a_g
+    acc2 += c2 * a_h
+    acc3 += c3 * a_h
+    if NCOL == 2:
+        c0, c1, c2, c3 = _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
+                               y0, y1, y2, y3, y4, y5, y6, y7, IS_BF16)
+        acc4 += c0 * a_g
+        acc5 += c1 * a_g
+        acc6 += c2 * a_h
+        acc7 += c3 * a_h
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, bias_ptr, y_ptr,
+                    ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER,
+                    BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
+                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
+    """y[:M, 16*WARPS rows] over K range [pid_k*PER, +PER); grid (row tiles, splits).
+
+    x_ptr / w_ptr: int32 views (x pairs, packed words); NCOL column groups of 8 rows of x."""
+    THREADS: tl.constexpr = 32 * WARPS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    tid = _thread_ids(THREADS)
+    lane = tid % 32
+    g = lane // 4
+    t = lane % 4
+    row_g = pid_n * 16 + g                          # all warps: the same 16 rows of W
+    row_h = row_g + 8
+    ld_g = tl.minimum(row_g, N - 1)                 # rows past N: load row N-1, store nothing
+    ld_h = tl.minimum(row_h, N - 1)
+    KQ = K // 8
+    wg = w_ptr + ld_g.to(tl.int64) * KQ + 2 * t
+    wh = w_ptr + ld_h.to(tl.int64) * KQ + 2 * t
+    # B columns past M read row M-1: their C columns are never stored
+    xp0 = x_ptr + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
+    xp1 = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
+    bg = ld_g * KB
+    bh = ld_h * KB
+    # the table's byte planes in ordinary registers: tab_ptr holds 32 copies and each lane loads
+    # its own (from one address ptxas keeps them in uniform registers and copies them out before
+    # every prmt, ~10 instructions per word)
+    if LUT:
+        # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
+        lut = _lut_base(tid)
+        for i in range(0, 256 // WARPS):
+            e = (tid // 32) + WARPS * i
+            _st_shared(lut + (e * 32 + lane) * 4, tl.load(tab_ptr + e))
+        tl.debug_barrier()
+        t0 = lut + 4 * lane
+        t1, t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0, t0
+    else:
+        tabp = tab_ptr + 8 * lane
+        t0, t1, t2, t3 = _ld4(tabp)
+        t4, t5, t6, t7 = _ld4(tabp + 4)
+    acc0 = tl.zeros([THREADS], dtype=tl.float32)
+    acc1 = tl.zeros([THREADS], dtype=tl.float32)
+    acc2 = tl.zeros([THREADS], dtype=tl.float32)
+    acc3 = tl.zeros([THREADS], dtype=tl.float32)
+    acc4 = tl.zeros([THREADS], dtype=tl.float32)
+    acc5 = tl.zeros([THREADS], dtype=tl.float32)
+    acc6 = tl.zeros([THREADS], dtype=tl.float32)
+    acc7 = tl.zeros([THREADS], dtype=tl.float32)
+    off = tl.load(off_ptr) if NESTED else 0.0
+    # software pipelined: the loads of the next UNROLL steps are in flight while this
+    # iteration's steps are decoded and multiplied
+    q_lo = pid_k * (PER // 8)                       # in words of a row (8 codes each)
+    q_hi = tl.minimum(K // 8, q_lo + PER // 8)
+    S: tl.constexpr = STEP // 8
+    # warp w takes step w of every WARPS consecutive steps: together a program reads
+    # WARPS * 32 contiguous bytes of each of its 16 rows at a time
+    qw = (tid // 32) * S
+    amg = am_ptr + bg                               # this lane's two rows of absmax
+    amh = am_ptr + bh
+    st = S * WARPS                                  # words between a warp's consecutive steps
+    a = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + qw, BS_SHIFT, BS2_SHIFT,
+                   NESTED, NCOL)
+    if UNROLL >= 2:
+        b = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + st + qw, BS_SHIFT,
+                       BS2_SHIFT, NESTED, NCOL)
+    if UNROLL == 4:
+        c = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 2 * st + qw,
+                       BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+        d = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 3 * st + qw,
+                       BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+    for q in range(q_lo + st * UNROLL, q_hi, st * UNROLL):
+        na = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + qw, BS_SHIFT,
+                        BS2_SHIFT, NESTED, NCOL)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+            *a, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
+            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+        a = na
+        if UNROLL >= 2:
+            nb = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + st + qw, BS_SHIFT,
+                            BS2_SHIFT, NESTED, NCOL)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+                *b, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
+                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            b = nb
+        if UNROLL == 4:
+            nc = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 2 * st + qw,
+                            BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+                *c, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
+                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            c = nc
+            nd = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 3 * st + qw,
+                            BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+                *d, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
+                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            d = nd
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+        *a, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4, acc5,
+        acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+    if UNROLL >= 2:
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+            *b, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
+            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+    if UNROLL == 4:
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+            *c, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
+            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
+            *d, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
+            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+    # sum the warps' partial C (logical element = thread id: the lane's values in warp order)
+    acc0 = tl.sum(tl.reshape(acc0, (WARPS, 32)), axis=0)
+    acc1 = tl.sum(tl.reshape(acc1, (WARPS, 32)), axis=0)
+    acc2 = tl.sum(tl.reshape(acc2, (WARPS, 32)), axis=0)
+    acc3 = tl.sum(tl.reshape(acc3, (WARPS, 32)), axis=0)
+    ln = tl.arange(0, 32)                           # lane of each element from here on
+    row_g = pid_n * 16 + ln // 4
+    row_h = row_g + 8
+    m0 = 2 * (ln % 4)
+    # [32, 2 (rows g, g+8), 2 (x rows 2t, 2t+1)] (x 2 column groups)
+    out = tl.join(tl.join(acc0, acc1), tl.join(acc2, acc3))
+    rows = tl.join(tl.join(row_g, row_g), tl.join(row_h, row_h))
+    ms = tl.join(tl.join(m0, m0 + 1), tl.join(m0, m0 + 1))
+    if NCOL == 2:
+        acc4 = tl.sum(tl.reshape(acc4, (WARPS, 32)), axis=0)
+        acc5 = tl.sum(tl.reshape(acc5, (WARPS, 32)), axis=0)
+        acc6 = tl.sum(tl.reshape(acc6, (WARPS, 32)), axis=0)
+        acc7 = tl.sum(tl.reshape(acc7, (WARPS, 32)), axis=0)
+        out = tl.join(out, tl.join(tl.join(acc4, acc5), tl.join(acc6, acc7)))
+        rows = tl.join(rows, rows)
+        ms = tl.join(ms, ms + 8)
+    mask = (rows < N) & (ms < M)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros_like(out)
+    _epilogue(out, bias, y_ptr, ms.to(tl.int64) * stride_ym + rows, ws_ptr, ms * N + rows, mask,
+              cnt_ptr, pid_n, pid_k, n_split, M * N)

@@ -1,0 +1,140 @@
+"""The small-M mma.sync 4-bit matmul (kernels/matmul4bit_mma.py, dispatched by matmul4bit.py).
+
+Its inline PTX (mma.sync, prmt) runs only on a GPU: there the kernel is checked against the
+float64 dequantize-then-matmul oracle of test_matmul4bit.py for every tile of MMA_CONFIGS,
+into NaN-poisoned outputs. On the CPU: the dispatch rules, the split-K sizing, the PTX program's
+structure, and that a pinned mma config refuses what it cannot run.
+"""
+import re
+
+import pytest
+import torch
+
+from peftlab.errors import QuantError
+from peftlab.kernels import matmul4bit as mm
+from peftlab.kernels import matmul4bit_mma as mk
+from test_matmul4bit import DEV, make, raw, rel_err
+
+CUDA = torch.cuda.is_available()
+
+
+def test_mma_ptx_chains_four_mmas_from_zero():
+    for ab, asm in (("bf16", mk._MMA_BF16.value), ("f16", mk._MMA_F16.value)):
+        mmas = [ln for ln in asm.splitlines() if ln.startswith("mma.sync")]
+        assert len(mmas) == 4 and all(f".f32.{ab}.{ab}.f32" in ln for ln in mmas)
+        assert mmas[0].endswith("{z, z, z, z};")                  # C starts at zero
+        assert all(ln.endswith("{d0, d1, d2, d3};") for ln in mmas[1:])   # then accumulates
+        used = sorted(int(v) for ln in mmas for v in re.findall(r"\$(\d+)", ln))
+        assert used == list(range(4, 28))           # 16 A + 8 B operands, each used once
+    n_ops = len(mk._MMA_CONSTRAINTS.value.split(","))
+    assert n_ops == 28 and mk._MMA_CONSTRAINTS.value.count("=f") == 4
+
+
+@pytest.mark.parametrize("cfg,M,N,K", [
+    (cfg, M, N, K) for cfg in mm.MMA_CONFIGS
+    for M, N, K in [(1, 4096, 4096), (16, 28672, 8192), (3, 100, 1024), (1, 64, 16384)]
+    if K % (64 * cfg[0] * cfg[1]) == 0])          # the tuner offers only these
+def test_mma_splits_cover_k_in_whole_chunks(cfg, M, N, K):
+    chunk = 64 * cfg[0] * cfg[1]
+    s, per = mm._mma_splits(cfg, M, N, K, torch.device("cpu"))
+    assert per % chunk == 0 and 1 <= s <= mm.MAX_SPLIT
+    assert s * per >= K and (s - 1) * per < K                    # all of K, no empty split
+
+
+def test_mma_path_is_cuda_only_and_refuses_what_it_cannot_run():
+    packed, state, _ = make(64, 256)
+    x = torch.randn(2, 256, device=DEV, dtype=torch.bfloat16)
+    q = mm._Quant(packed, state.code, state.absmax, 64, 256, 64, state.absmax2, state.code2,
+                  state.offset, 256)
+    assert mm._mma_ok(x, q, 2, "auto") == CUDA
+    assert not mm._mma_ok(x, q, 17, "auto")                      # M > MMA_MAX_M
+    assert not mm._mma_ok(x, q, 2, "table")                      # the portable decoder asked
+    assert not mm._mma_ok(x.float(), q, 2, "auto")
+    if not CUDA:
+        with pytest.raises(QuantError, match="needs a CUDA tensor"):
+            mm.matmul4bit_forward(x, packed, state.code, state.absmax, 64, 256, 64,
+                                  config=("mma", 4, 1, 8), **raw(state))
+    p96, s96, _ = make(8, 96, bs=32)
+    q96 = mm._Quant(p96, s96.code, s96.absmax, 8, 96, 32, s96.absmax2, s96.code2, s96.offset,
+                    256)
+    x96 = torch.randn(1, 96, device=DEV, dtype=torch.bfloat16)
+    assert not mm._mma_ok(x96, q96, 1, "auto")
+    if CUDA:
+        assert "multiples of 64" in mm._mma_unfit(x96, q96)
+        with pytest.raises(QuantError, match="which do not divide K = 256"):
+            mm.matmul4bit_forward(x, packed, state.code, state.absmax, 64, 256, 64,
+                                  config=("mma", 4, 2, 4), **raw(state))
+
+
+@pytest.mark.skipif(not CUDA, reason="mma.sync and prmt are inline PTX: CUDA only")
+@pytest.mark.parametrize("M,N,K,bs,qt,dq,dtype,has_bias", [
+    (1, 1000, 4096, 64, "nf4", True, torch.bfloat16, False),     # tail row tile
+    (3, 520, 2048, 64, "fp4", True, torch.float16, True),
+    (8, 4096, 1024, 64, "nf4", False, torch.bfloat16, True),     # one column group, full
+    (9, 777, 2048, 128, "nf4", True, torch.bfloat16, False),     # two column groups
+    (16, 300, 4096, 256, "fp4", False, torch.float16, True),
+])
+def test_mma_kernel_matches_float64_oracle_for_every_tile(M, N, K, bs, qt, dq, dtype, has_bias):
+    packed, state, W = make(N, K, bs, qt, dq)
+    x = torch.randn(M, K, device=DEV).to(dtype)
+    bias = torch.randn(N, device=DEV).to(dtype) if has_bias else None
+    ref = x.double().cpu() @ W.T + (bias.double().cpu() if has_bias else 0)
+    tiles = [None] + [("mma",) + c for c in mm.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+    for cfg in tiles:
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        y = mm.matmul4bit_forward(x, packed, state.code, state.absmax, N, K, bs, bias=bias,
+                                  out=out, config=cfg, **raw(state))
+        assert rel_err(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), cfg
+
+
+@pytest.mark.skipif(not CUDA, reason="mma.sync and prmt are inline PTX: CUDA only")
+def test_mma_split_k_is_deterministic_and_resets_counters():
+    packed, state, W = make(512, 4096)
+    x = torch.randn(4, 4096, device=DEV, dtype=torch.bfloat16)
+    args = (x, packed, state.code, state.absmax, 512, 4096, 64)
+    one = mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), split_k=1, **raw(state))
+    three = mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), split_k=3, **raw(state))
+    again = mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), split_k=3, **raw(state))
+    assert torch.equal(three, again)
+    assert rel_err(three, one.float()) < 1e-2 and rel_err(three, x.double().cpu() @ W.T) < 1e-2
+    assert int(mm._counters(x.device, 1).abs().sum()) == 0
+
+
+def test_shared_pair_table_program_decodes_every_byte():
+    """The LUT decoder's PTX run by a small emulator (prmt, mad.lo, ld.shared on a dict) against
+    the 256-entry pair table: every byte value in every position of the word."""
+    from test_decode4bit import M32, prmt, run_ptx  # noqa: F401  (prmt: PTX semantics)
+    table = torch.randn(16).to(torch.bfloat16)
+    pairs = [int(v) & M32 for v in mm._pairs(table).tolist()]
+    bits = (table.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+    assert all(pairs[b] == bits[b >> 4] | bits[b & 15] << 16 for b in range(256))
+    lane, base = 5, 0x1000
+    smem = {base + (e * 32 + lane) * 4: pairs[e] for e in range(256)}   # copy `lane` only
+    words = [(b | (b + 85) % 256 << 8 | (b + 170) % 256 << 16 | (255 - b) << 24)
+             for b in range(256)]
+    for w in words:
+        regs = {"$4": w, "$5": base + 4 * lane, "0": 0}
+        for line in mk._LUT_PAIRS.value.splitlines():
+            line = line.strip().rstrip(";")
+            if not line or line[0] in "{}." or line.startswith(".reg"):
+                continue
+            op, rest = line.split(None, 1)
+            dst, *args = [t.strip() for t in rest.split(",")]
+            if op == "prmt.b32":
+                regs[dst] = prmt(regs[args[0]], int(args[1], 0), int(args[2], 0))
+            elif op == "mad.lo.u32":
+                regs[dst] = (regs[args[0]] * int(args[1], 0) + regs[args[2]]) & M32
+            else:
+                assert op == "ld.shared.b32"
+                regs[dst] = smem[regs[args[0].strip("[]")]]
+        assert [regs[f"${j}"] for j in range(4)] == [pairs[(w >> 8 * j) & 255] for j in range(4)]
+
+
+@pytest.mark.skipif(not CUDA, reason="mma.sync and prmt are inline PTX: CUDA only")
+def test_shared_table_and_prmt_decoders_give_identical_results():
+    packed, state, _ = make(333, 2048)
+    x = torch.randn(5, 2048, device=DEV, dtype=torch.bfloat16)
+    args = (x, packed, state.code, state.absmax, 333, 2048, 64)
+    lut = mm.matmul4bit_forward(*args, config=("mma", 4, 2, 4, True), **raw(state))
+    prm = mm.matmul4bit_forward(*args, config=("mma", 4, 2, 4, False), **raw(state))
+    assert torch.equal(lut, prm)                 # same codes, same MMAs, same order
