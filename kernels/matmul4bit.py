@@ -6,15 +6,20 @@ does that for ``x [..., K]``, ``W [N, K]`` stored as ``packed`` uint8 ``[(N*K+1)
 ``peftlab.quant.QuantState`` (NF4 or FP4, with or without double quantization); the result
 ``[..., N]`` is in x's dtype (the compute dtype: bfloat16, float16 or float32).
 
-Dispatch: on CUDA the Triton kernels of ``matmul4bit_kernels.py`` (the weight is decoded tile by
-tile inside the kernel; the full-precision W never exists in memory): a tiled tensor-core GEMM
-for every M, split-K when M = prod(x.shape[:-1]) is small, with the PRMT decoder of
-``decode4bit.py`` once it has passed its on-device check (``decoder="table"`` or
-``PEFTLAB_4BIT_DECODER=table`` forces the portable one). Elsewhere the reference twin: ``dequantize_4bit`` to x's dtype, then
-``F.linear``. ``impl="triton"`` forces the kernels (tests run them on the CPU under
-``TRITON_INTERPRET=1``), ``impl="reference"`` the PyTorch path. A CUDA-core GEMV
-(``_mm4_gemv_kernel``, tile picked by timing) is opt-in for M <= ``GEMV_MAX_M`` (0 by default:
-it lost to the split-K tensor-core kernel in every measured case) or a tuple ``config``.
+Dispatch: on CUDA the Triton kernels (the weight is decoded inside the kernel; the
+full-precision W never exists in memory). For M = prod(x.shape[:-1]) <= ``MMA_MAX_M`` (16), bf16
+or fp16 x, K and the blocksize multiples of 64: the mma.sync kernel of ``matmul4bit_mma.py``
+(each lane decodes its own tensor-core fragments; tile picked by timing graph replays once per
+shape). Otherwise the tiled tensor-core GEMM of ``matmul4bit_kernels.py``, split-K when M is
+small. Both use the PRMT decoder of ``decode4bit.py`` once it has passed its on-device check
+(``decoder="table"`` or ``PEFTLAB_4BIT_DECODER=table`` forces the portable decoder and with it
+the tiled kernel; ``PEFTLAB_4BIT_MMA=0`` turns the mma kernel off). Elsewhere the reference twin:
+``dequantize_4bit`` to x's dtype, then ``F.linear``. ``impl="triton"`` forces the kernels (tests
+run the tiled ones on the CPU under ``TRITON_INTERPRET=1``), ``impl="reference"`` the PyTorch
+path. A CUDA-core GEMV (``_mm4_gemv_kernel``, tile picked by timing) is opt-in for M <=
+``GEMV_MAX_M`` (0 by default: it lost to the split-K tensor-core kernel in every measured case)
+or a 5-tuple ``config``; ``config=("mma", warps, unroll, programs_per_sm[, lut])`` pins the mma
+kernel's tile.
 
 Backward (``Matmul4bitFunction``), with ``W = dequant(packed)`` a constant, ``g = dL/dy``:
 
@@ -286,7 +291,8 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     ``config`` pins a tile config (dict of the kernel's meta-parameters, ``num_warps``,
     ``num_stages``, ``maxnreg``) instead of autotuning, or, as a tuple (BN, BK, warps, programs
     per SM, prefetch), runs the GEMV with that tile (fast layout only: K % blocksize == 0,
-    blocksize >= 32); ``split_k`` pins the split-K factor;
+    blocksize >= 32), or, as ("mma", warps, unroll, programs per SM[, lut]), the mma.sync kernel
+    (M <= 16, CUDA); ``split_k`` pins the split-K factor;
     ``decoder`` "prmt" / "table" / "auto" picks the 4-bit decoder; ``out`` [M, N] receives y.
     """
     q = _Quant(packed, code, absmax, N, K, blocksize, absmax2, code2, offset, blocksize2)

@@ -22,7 +22,8 @@ CUDA-core GEMV:
   of a row lies inside one quantization block: one absmax per row per step (double quantization
   decoded in-kernel); the absmax and the packed words of the next K step are loaded one step
   ahead (register double buffering). Where the absmax is applied depends on M:
-    - small M (BM <= 32; decode, M = 1..32): on the accumulator, ``acc += dot(x, codes^T) *
+    - small M (BM <= 32; decode, M = 1..32; on CUDA, M <= 16 goes to the faster mma.sync
+      kernel of ``matmul4bit_mma.py`` by default): on the accumulator, ``acc += dot(x, codes^T) *
       absmax[None, :]`` (BM*BN multiplies per step instead of BN*BK). Memory bound: each weight
       byte is read once per row tile, and split-K (below) gives every SM several programs with
       2-4 pipelined K steps of 16-byte loads in flight. M = 1 pays the same as M = 16 (the MMA

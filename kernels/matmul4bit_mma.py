@@ -18,26 +18,43 @@ Fragments (PTX ISA, ``mma.m16n8k16`` with 16-bit A/B, f32 C), lane = 4 g + t, g 
     B [16 x 8]   b0 = B[2t:2t+2, g]   b1 = B[2t+8:2t+10, g]
     C [16 x 8]   c0, c1 = C[g, 2t], C[g, 2t+1]         c2, c3 = C[g+8, 2t], C[g+8, 2t+1]
 
-A's rows are 16 rows of W (one warp), B's columns are up to 8 rows of x, C = W x^T. A sum over
-k does not care which k sits in which of the 16 slots, as long as A and B agree. Per K step of
-64 (one quantization block when B >= 64), lane (g, t) loads the two int32 words of rows g and
-g+8 at k0 + 16t .. k0 + 16t + 15 (8 bytes each; a row's 4 lanes read its 32 contiguous bytes),
-decodes each word into four bf16/fp16 pairs in memory order (``decode4bit.decode_pairs``: 23
-instructions per 8 weights), and MMA j (j = 0..3) takes the codes k0 + 16t + 4j .. + 3:
+A's rows are 16 rows of W, B's columns are up to 8 rows of x (a second column group of MMAs
+for M = 9..16), C = W x^T. A sum over k does not care which k sits in which of the 16 slots, as
+long as A and B agree. Per K step of 64 (one quantization block when B >= 64), lane (g, t) loads
+the two int32 words of rows g and g+8 at k0 + 16t .. k0 + 16t + 15 (8 bytes each; a row's 4
+lanes read its 32 contiguous bytes), decodes each word into four bf16/fp16 pairs in memory order
+(``decode4bit.decode_pairs``: 21 instructions per 8 weights), and MMA j (j = 0..3) takes the
+codes k0 + 16t + 4j .. + 3:
 
     slot 2t, 2t+1  <->  k0 + 16t + 4j + 0, 1         slot 2t+8, 2t+9  <->  k0 + 16t + 4j + 2, 3
 
-with B from x[m, the same k] (the lane loads its 32 contiguous bytes of x row m = g, or 8 + g
-for the second column group). The four MMAs start from zero, so afterwards C holds the block's
-unscaled row sums, and ``acc += C * absmax[row, block]`` (four float32 FMAs per lane; the absmax,
-double-quantized or not, decoded per row). Products and sums are float32 in the tensor core,
-which is more precise than the reference (dequantize to bf16, then ``F.linear``).
+with B from x[m, the same k] (the lane loads its 32 contiguous bytes of x row m = g, or 8 + g).
+The four MMAs start from zero, so afterwards C holds the block's unscaled row sums, and
+``acc += C * absmax[row, block]`` (four float32 FMAs per lane; the absmax, double-quantized or
+not, decoded per row). Products and sums are float32 in the tensor core, more precise than the
+reference (dequantize to bf16, then ``F.linear``).
 
-Lanes find their role from ``%tid.x`` (inline PTX), and every tensor in the loop is [32 warps]
-with one element per thread, so the lane that loads is the lane that multiplies. Split-K as in
+Work split: the WARPS warps of a program share its 16 rows; warp w takes K steps w, w + WARPS,
+..., so a program reads WARPS x 32 contiguous bytes of each row at a time, and the warps' C are
+summed at the end. Each warp issues the loads of its next UNROLL steps (words, x, absmax) before
+decoding the current ones (registers as the pipeline). Split-K over programs as in
 ``matmul4bit_kernels._epilogue`` (workspace, counters, the last program reduces in a fixed
-order). Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0 and blocksize % 64 == 0
-(a K step inside one block); ``matmul4bit.py`` falls back to the ``tl.dot`` kernel otherwise.
+order). Lanes find their role from ``%tid.x`` (inline PTX), and every tensor in the loop has one
+element per thread, so the lane that loads is the lane that multiplies.
+
+Decoders: PRMT (the default) or, with ``LUT``, a 32 KB shared-memory table of the 256 byte values
+-> their code pair (32 copies, lane l reads copy l, so lookups never share a bank; per byte a
+prmt, an address and an LDS: 8 ALU instructions per word instead of 19). Both give identical
+results; on the H200 the table was slower on every shape (it costs occupancy and a fill per
+program), so it is a pinnable option only.
+
+Measured (H200, ``results/h200_kernels.md``): 1.36-1.66x bf16 ``F.linear`` at M = 1 and
+1.09-1.25x at M = 16 on Llama shapes (the ``tl.dot`` kernel: 0.8-0.95x); Nsight Compute shows
+neither DRAM (28 % of peak) nor the ALU saturated, with 3.6 warps per scheduler: latency-bound.
+
+Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0, blocksize % 64 == 0 (a K step
+inside one block) and a power-of-two nested blocksize; ``matmul4bit.py`` falls back to the
+``tl.dot`` kernel otherwise.
 """
 from __future__ import annotations
 
@@ -58,7 +75,8 @@ def _mma_ptx(ab: str) -> str:
     for j in range(4):
         a = ", ".join(f"${4 + 4 * j + i}" for i in range(4))
         c = "z, z, z, z" if j == 0 else "d0, d1, d2, d3"
-        lines.append(f"{op} {{d0, d1, d2, d3}}, {{{a}}}, {{${20 + 2 * j}, ${21 + 2 * j}}}, {{{c}}};")
+        b = f"${20 + 2 * j}, ${21 + 2 * j}"
+        lines.append(f"{op} {{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{{c}}};")
     lines += ["mov.f32 $0, d0;", "mov.f32 $1, d1;", "mov.f32 $2, d2;", "mov.f32 $3, d3;", "}"]
     return "\n".join(lines)
 
@@ -225,9 +243,10 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
                     BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
                     UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
-    """y[:M, 16*WARPS rows] over K range [pid_k*PER, +PER); grid (row tiles, splits).
+    """y[:M, 16 rows] over K range [pid_k*PER, +PER); grid (row tiles, splits).
 
-    x_ptr / w_ptr: int32 views (x pairs, packed words); NCOL column groups of 8 rows of x."""
+    x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
+    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
     THREADS: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -248,9 +267,6 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     xp1 = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
     bg = ld_g * KB
     bh = ld_h * KB
-    # the table's byte planes in ordinary registers: tab_ptr holds 32 copies and each lane loads
-    # its own (from one address ptxas keeps them in uniform registers and copies them out before
-    # every prmt, ~10 instructions per word)
     if LUT:
         # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
         lut = _lut_base(tid)
@@ -261,6 +277,8 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
         t0 = lut + 4 * lane
         t1, t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0, t0
     else:
+        # the byte planes in ordinary registers: each lane loads its own copy (loaded from one
+        # address ptxas keeps them in uniform registers and copies them out before every prmt)
         tabp = tab_ptr + 8 * lane
         t0, t1, t2, t3 = _ld4(tabp)
         t4, t5, t6, t7 = _ld4(tabp + 4)

@@ -103,7 +103,7 @@ def test_mma_split_k_is_deterministic_and_resets_counters():
 def test_shared_pair_table_program_decodes_every_byte():
     """The LUT decoder's PTX run by a small emulator (prmt, mad.lo, ld.shared on a dict) against
     the 256-entry pair table: every byte value in every position of the word."""
-    from test_decode4bit import M32, prmt, run_ptx  # noqa: F401  (prmt: PTX semantics)
+    from test_decode4bit import M32, prmt      # the PTX emulator's prmt semantics
     table = torch.randn(16).to(torch.bfloat16)
     pairs = [int(v) & M32 for v in mm._pairs(table).tolist()]
     bits = (table.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
