@@ -18,8 +18,7 @@ the tiled kernel; ``PEFTLAB_4BIT_MMA=0`` turns the mma kernel off). Elsewhere th
 run the tiled ones on the CPU under ``TRITON_INTERPRET=1``), ``impl="reference"`` the PyTorch
 path. A CUDA-core GEMV (``_mm4_gemv_kernel``, tile picked by timing) is opt-in for M <=
 ``GEMV_MAX_M`` (0 by default: it lost to the split-K tensor-core kernel in every measured case)
-or a 5-tuple ``config``; ``config=("mma", warps, unroll, programs_per_sm[, lut])`` pins the mma
-kernel's tile.
+or a 5-tuple ``config``; ``config=("mma", *MmaTile(...))`` pins the mma kernel's launch.
 
 Backward (``Matmul4bitFunction``), with ``W = dequant(packed)`` a constant, ``g = dL/dy``:
 
@@ -39,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +75,25 @@ GEMV_TIMES: Dict[Tuple, list] = {}      # key -> [(config, ms)] of the timed cho
 _GEMV_BEST: Dict[Tuple, tuple] = {}
 # Rows of x up to which the hand-placed mma.sync kernel (``matmul4bit_mma.py``) runs on CUDA
 # (bf16/fp16 x, K % 64 == 0, blocksize % 64 == 0, PRMT decoder verified); 0 turns it off, as does
-# PEFTLAB_4BIT_MMA=0. Tiles: (warps, K steps in flight per warp, programs per SM wanted, decoder:
-# False = PRMT, True = the shared-memory pair table), the fastest per (M bucket, N, K, blocksize,
-# nesting, dtype, bias) picked by timing CUDA-graph replays once. The shared-table decoder is
+# PEFTLAB_4BIT_MMA=0. The fastest of MMA_CONFIGS (``MmaTile``) per (M bucket, N, K, blocksize,
+# nesting, dtype, bias) is picked by timing CUDA-graph replays once. The shared-table decoder is
 # not among the defaults: it was slower on every shape measured (H200, 69.5 vs 75.3 us on
-# 28672x8192 at M = 1, results/logs/h200_mma_probe_s16_lut.log); pin (w, u, p, True) to use it.
+# 28672x8192 at M = 1, results/logs/h200_mma_probe_s16_lut.log); pin MmaTile(w, u, p, True).
 MMA_MAX_M = 16
-MMA_CONFIGS = [(4, 2, 4, False), (4, 4, 4, False), (8, 2, 2, False), (2, 2, 8, False),
-               (4, 1, 8, False), (1, 1, 16, False)]
+
+
+class MmaTile(NamedTuple):
+    """A launch of the mma kernel: warps per program (sharing 16 rows of W), K steps in flight
+    per warp, programs per SM the split-K sizing aims for, and the shared-table decoder (else
+    PRMT)."""
+    warps: int
+    unroll: int
+    per_sm: int
+    lut: bool = False
+
+
+MMA_CONFIGS = [MmaTile(4, 2, 4), MmaTile(4, 4, 4), MmaTile(8, 2, 2), MmaTile(2, 2, 8),
+               MmaTile(4, 1, 8), MmaTile(1, 1, 16)]
 _PAIRS: Dict[Tuple, tuple] = {}
 MMA_TIMES: Dict[Tuple, list] = {}
 _MMA_BEST: Dict[Tuple, tuple] = {}
@@ -291,8 +301,8 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     ``config`` pins a tile config (dict of the kernel's meta-parameters, ``num_warps``,
     ``num_stages``, ``maxnreg``) instead of autotuning, or, as a tuple (BN, BK, warps, programs
     per SM, prefetch), runs the GEMV with that tile (fast layout only: K % blocksize == 0,
-    blocksize >= 32), or, as ("mma", warps, unroll, programs per SM[, lut]), the mma.sync kernel
-    (M <= 16, CUDA); ``split_k`` pins the split-K factor;
+    blocksize >= 32), or, as ("mma", *MmaTile fields), the mma.sync kernel (M <= 16, CUDA);
+    ``split_k`` pins the split-K factor;
     ``decoder`` "prmt" / "table" / "auto" picks the 4-bit decoder; ``out`` [M, N] receives y.
     """
     q = _Quant(packed, code, absmax, N, K, blocksize, absmax2, code2, offset, blocksize2)
@@ -402,7 +412,7 @@ def _mma_splits(cfg, M: int, N: int, K: int, device) -> Tuple[int, int]:
 
 
 def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
-    """Launch ``_mm4_mma_kernel`` with tile ``config`` (warps, unroll, programs per SM, LUT) or the
+    """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the
     fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key)."""
     why = _mma_unfit(x, q)
     if why is not None or M > 16:
@@ -412,17 +422,18 @@ def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
     bias_t = bias.contiguous() if bias is not None else out
 
     def launch(cfg):
-        warps, unroll, _, lut = (*cfg, True)[:4]          # LUT unless pinned off
+        tile = MmaTile(*cfg)
+        warps, unroll, lut = tile.warps, tile.unroll, tile.lut
         s, per = _mma_splits(cfg, M, N, K, x.device)
         if split_k:
             chunk = _MMA_STEP * unroll * warps
             per = _cdiv(K // chunk, split_k) * chunk
             s = _cdiv(K, per)
         tiles = _cdiv(N, 16)
-        _mm4_mma_kernel[(tiles, s)](
+        _mm4_mma_kernel[(tiles * s,)](
             x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
             q.off, bias_t, out, _workspace(s, M, N, x.device), _counters(x.device, tiles), M,
-            N, K, K // q.bs, x.stride(0), out.stride(0), per,
+            N, K, K // q.bs, x.stride(0), out.stride(0), per, tiles, s,
             BS_SHIFT=(q.bs // 8).bit_length() - 1, BS2_SHIFT=q.bs2.bit_length() - 1,
             NESTED=q.nested, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
             NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)

@@ -238,23 +238,14 @@ def _compute_step(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
 
 
 @triton.jit
-def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, bias_ptr, y_ptr,
-                    ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER,
-                    BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
-                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
-    """y[:M, 16 rows] over K range [pid_k*PER, +PER); grid (row tiles, splits).
-
-    x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
-    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
+def _mma_item(pid_n, pid_k, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr, y_ptr, ws_ptr,
+              cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, N_SPLIT, tid, g, t,
+              t0, t1, t2, t3, t4, t5, t6, t7, off,
+              BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
+              UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
+    """One work item: y[:M, rows 16*pid_n ..] over K split pid_k (see the kernel)."""
     THREADS: tl.constexpr = 32 * WARPS
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    tid = _thread_ids(THREADS)
-    lane = tid % 32
-    g = lane // 4
-    t = lane % 4
     row_g = pid_n * 16 + g                          # all warps: the same 16 rows of W
     row_h = row_g + 8
     ld_g = tl.minimum(row_g, N - 1)                 # rows past N: load row N-1, store nothing
@@ -267,21 +258,6 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     xp1 = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
     bg = ld_g * KB
     bh = ld_h * KB
-    if LUT:
-        # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
-        lut = _lut_base(tid)
-        for i in range(0, 256 // WARPS):
-            e = (tid // 32) + WARPS * i
-            _st_shared(lut + (e * 32 + lane) * 4, tl.load(tab_ptr + e))
-        tl.debug_barrier()
-        t0 = lut + 4 * lane
-        t1, t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0, t0
-    else:
-        # the byte planes in ordinary registers: each lane loads its own copy (loaded from one
-        # address ptxas keeps them in uniform registers and copies them out before every prmt)
-        tabp = tab_ptr + 8 * lane
-        t0, t1, t2, t3 = _ld4(tabp)
-        t4, t5, t6, t7 = _ld4(tabp + 4)
     acc0 = tl.zeros([THREADS], dtype=tl.float32)
     acc1 = tl.zeros([THREADS], dtype=tl.float32)
     acc2 = tl.zeros([THREADS], dtype=tl.float32)
@@ -290,7 +266,6 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     acc5 = tl.zeros([THREADS], dtype=tl.float32)
     acc6 = tl.zeros([THREADS], dtype=tl.float32)
     acc7 = tl.zeros([THREADS], dtype=tl.float32)
-    off = tl.load(off_ptr) if NESTED else 0.0
     # software pipelined: the loads of the next UNROLL steps are in flight while this
     # iteration's steps are decoded and multiplied
     q_lo = pid_k * (PER // 8)                       # in words of a row (8 codes each)
@@ -380,4 +355,43 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     else:
         bias = tl.zeros_like(out)
     _epilogue(out, bias, y_ptr, ms.to(tl.int64) * stride_ym + rows, ws_ptr, ms * N + rows, mask,
-              cnt_ptr, pid_n, pid_k, n_split, M * N)
+              cnt_ptr, pid_n, pid_k, N_SPLIT, M * N)
+
+
+@triton.jit
+def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, bias_ptr, y_ptr,
+                    ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, TILES, N_SPLIT,
+                    BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
+                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
+    """y[:M, 16 rows] over K range [pid_k*PER, +PER); grid (TILES x N_SPLIT,), one program per
+    (row tile, K split).
+
+    x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
+    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
+    THREADS: tl.constexpr = 32 * WARPS
+    tid = _thread_ids(THREADS)
+    lane = tid % 32
+    g = lane // 4
+    t = lane % 4
+    if LUT:
+        # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
+        lut = _lut_base(tid)
+        for i in range(0, 256 // WARPS):
+            e = (tid // 32) + WARPS * i
+            _st_shared(lut + (e * 32 + lane) * 4, tl.load(tab_ptr + e))
+        tl.debug_barrier()
+        t0 = lut + 4 * lane
+        t1, t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0, t0
+    else:
+        # the byte planes in ordinary registers: each lane loads its own copy (loaded from one
+        # address ptxas keeps them in uniform registers and copies them out before every prmt)
+        tabp = tab_ptr + 8 * lane
+        t0, t1, t2, t3 = _ld4(tabp)
+        t4, t5, t6, t7 = _ld4(tabp + 4)
+    off = tl.load(off_ptr) if NESTED else 0.0
+    item = tl.program_id(0)
+    _mma_item(item % TILES, item // TILES, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr,
+              y_ptr, ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, N_SPLIT, tid, g, t,
+              t0, t1, t2, t3, t4, t5, t6, t7, off, BS_SHIFT, BS2_SHIFT, NESTED, HAS_BIAS,
+              IS_BF16, NCOL, UNROLL, WARPS, LUT)

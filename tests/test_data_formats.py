@@ -9,7 +9,7 @@ from peftlab.data.collate import (IGNORE_INDEX, Collator, TokenizedDataset, enco
                                   encode_prompt, pack_examples, reference_answer)
 from peftlab.data.formats import Example, Message, load_dataset
 from peftlab.errors import DataError
-from peftlab.tokenizer import Tokenizer, encode_chat
+from peftlab.tokenizer import encode_chat
 
 ALPACA = [
     {"instruction": "Where was Ilsa born?", "input": "", "output": "Vendrath"},

@@ -1,6 +1,5 @@
 """The educational notebooks run top to bottom (their cells assert what they teach)."""
 import json
-import os
 from pathlib import Path
 
 import matplotlib
