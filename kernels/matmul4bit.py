@@ -165,20 +165,32 @@ def _tables(code: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch
     hit = _TABLES.get(key)
     if hit is not None and hit[0]() is code and hit[1] == code._version:
         return hit[2]
-    if len(_TABLES) > 256:
-        _TABLES.clear()
     dtype = torch.float16 if dtype == torch.float32 else dtype
     table = code.reshape(16).to(dtype).contiguous()
     tab = planes(table, dtype)
-    _TABLES[key] = (weakref.ref(code), code._version, (table, tab))
+    _cache_put(_TABLES, key, (weakref.ref(code), code._version, (table, tab)))
     return table, tab
 
 
-def _use_prmt(x: torch.Tensor, fast: bool, decoder: str) -> bool:
+def _cache_put(cache: dict, key, value) -> None:
+    """Keep a derived table for later calls, except inside a CUDA graph capture: there the
+    kernels that compute it are only recorded, so eager calls would read garbage."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = value
+
+
+def _decoder(decoder: str) -> str:
+    """The decoder asked for: "auto", "prmt" or "table" (PEFTLAB_4BIT_DECODER fills in auto)."""
     if decoder not in DECODERS:
         raise QuantError(f"matmul_4bit: decoder {decoder!r} is not one of {DECODERS}")
-    if decoder == "auto":
-        decoder = os.environ.get("PEFTLAB_4BIT_DECODER", "auto")
+    return os.environ.get("PEFTLAB_4BIT_DECODER", "auto") if decoder == "auto" else decoder
+
+
+def _use_prmt(x: torch.Tensor, fast: bool, decoder: str) -> bool:
+    decoder = _decoder(decoder)
     if decoder == "table" or not fast or not x.is_cuda or x.dtype == torch.float32:
         return False
     return prmt_decoder_ok(x.device, x.dtype)
@@ -315,13 +327,21 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
         raise QuantError(f"matmul_4bit: bias has {bias.numel()} values, expected {N}")
     bias_t = bias.contiguous() if bias is not None else out
     mb = _m_bucket(M)
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise QuantError(f"matmul_4bit: split_k must be a positive int, got {split_k!r}")
+    if isinstance(config, MmaTile) or isinstance(config, tuple) and config[:1] == ("mma",):
+        tile = config if isinstance(config, MmaTile) else config[1:]
+        if _decoder(decoder) == "table":
+            raise QuantError("matmul_4bit: the mma kernel decodes with PRMT; decoder 'table' "
+                             "(or PEFTLAB_4BIT_DECODER=table) asks for the tiled kernel")
+        _mma(x, q, bias, out, M, N, K, tile, split_k, check=True)
+        return out
+    if config is None and _mma_ok(x, q, M, decoder):
+        _mma(x, q, bias, out, M, N, K, None, split_k, check=False)
+        return out
     if isinstance(config, tuple) and not q.fast:
         raise QuantError(f"matmul_4bit: a GEMV tile config {config} needs K % blocksize == 0 "
                          f"and blocksize >= 32, got K = {K}, blocksize = {blocksize}")
-    if isinstance(config, tuple) and config[0] == "mma" or config is None and _mma_ok(
-            x, q, M, decoder):
-        _mma(x, q, bias, out, M, N, K, None if config is None else config[1:], split_k)
-        return out
     if q.fast and (config is None and M <= GEMV_MAX_M or isinstance(config, tuple)):
         _gemv(x, q, bias, out, M, N, K, config, split_k, _use_prmt(x, q.fast, decoder))
         return out
@@ -346,10 +366,17 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     return out
 
 
-def _mma_unfit(x: torch.Tensor, q: "_Quant") -> Optional[str]:
-    """Why the mma.sync kernel cannot take x and this weight, or None if it can."""
+def _mma_device_unfit(x: torch.Tensor) -> Optional[str]:
+    """Why the mma.sync kernel cannot run where x lives, or None if it can."""
     if not x.is_cuda or _interpreting():
         return "needs a CUDA tensor (its inline PTX does not run interpreted)"
+    if not prmt_decoder_ok(x.device, x.dtype):
+        return "needs the PRMT decoder, which failed its on-device check"
+    return None
+
+
+def _mma_unfit(x: torch.Tensor, q: "_Quant") -> Optional[str]:
+    """Why the mma.sync kernel cannot take x and this weight, or None if it can."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"takes bfloat16 or float16 x, got {x.dtype}"
     if not (q.fast and q.K % _MMA_STEP == 0 and q.bs % _MMA_STEP == 0):
@@ -359,15 +386,13 @@ def _mma_unfit(x: torch.Tensor, q: "_Quant") -> Optional[str]:
         return f"needs a power-of-two nested blocksize, got {q.bs2}"
     if x.data_ptr() % 16 or x.stride(0) % 8:
         return "needs x rows on 16-byte boundaries"
-    if not prmt_decoder_ok(x.device, x.dtype):
-        return "needs the PRMT decoder, which failed its on-device check"
-    return None
+    return _mma_device_unfit(x)
 
 
 def _mma_ok(x: torch.Tensor, q: "_Quant", M: int, decoder: str) -> bool:
     """Whether the mma.sync kernel takes this call by default (see ``MMA_MAX_M``)."""
-    return (M <= MMA_MAX_M and os.environ.get("PEFTLAB_4BIT_MMA", "1") != "0"
-            and _mma_unfit(x, q) is None and _use_prmt(x, q.fast, decoder))
+    return (M <= min(MMA_MAX_M, 16) and os.environ.get("PEFTLAB_4BIT_MMA", "1") != "0"
+            and _decoder(decoder) != "table" and _mma_unfit(x, q) is None)
 
 
 def _tab32(tab: torch.Tensor) -> torch.Tensor:
@@ -376,10 +401,8 @@ def _tab32(tab: torch.Tensor) -> torch.Tensor:
     key = (tab.data_ptr(), str(tab.device))
     hit = _TAB32.get(key)
     if hit is None or hit[0]() is not tab:
-        if len(_TAB32) > 256:
-            _TAB32.clear()
         hit = (weakref.ref(tab), tab.repeat(32))
-        _TAB32[key] = hit
+        _cache_put(_TAB32, key, hit)
     return hit[1]
 
 
@@ -389,32 +412,47 @@ def _pairs(table: torch.Tensor) -> torch.Tensor:
     key = (table.data_ptr(), str(table.device))
     hit = _PAIRS.get(key)
     if hit is None or hit[0]() is not table:
-        if len(_PAIRS) > 256:
-            _PAIRS.clear()
         bits = table.view(torch.int16).to(torch.int64) & 0xFFFF
         b = torch.arange(256, device=table.device)
         v = bits[b >> 4] | bits[b & 15] << 16
         hit = (weakref.ref(table), torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32))
-        _PAIRS[key] = hit
+        _cache_put(_PAIRS, key, hit)
     return hit[1]
 
 
-def _mma_splits(cfg, M: int, N: int, K: int, device) -> Tuple[int, int]:
-    """(splits, K per split) for tile ``cfg`` = (warps, unroll, programs per SM): whole unrolled
-    steps per split, no empty split, partials at most the packed weight's K/2 bytes a row."""
+def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = None
+                ) -> Tuple[int, int]:
+    """(splits, K per split) for tile ``cfg`` (``MmaTile`` fields): whole chunks of 64 x warps x
+    unroll per split, no empty split; ``split_k`` asks for that many (fewer if K has fewer
+    chunks), else about ``per_sm`` programs per SM with partials at most the packed weight's K/2
+    bytes a row."""
     warps, unroll, per_sm = cfg[:3]
-    units = K // (_MMA_STEP * unroll * warps)
-    tiles = _cdiv(N, 16)
-    s = max(1, min(_cdiv(per_sm * _num_sms(device), tiles), units, MAX_SPLIT,
-                   max(1, K // (16 * M))))
-    per = _cdiv(units, s)
-    return _cdiv(units, per), per * _MMA_STEP * unroll * warps
+    chunk = _MMA_STEP * unroll * warps
+    units = K // chunk
+    if split_k:
+        s = split_k
+    else:
+        s = max(1, min(_cdiv(per_sm * _num_sms(device), _cdiv(N, 16)), MAX_SPLIT,
+                       max(1, K // (16 * M))))
+    per = _cdiv(units, min(s, units))
+    return _cdiv(units, per), per * chunk
 
 
-def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
+def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k, check: bool = True) -> None:
     """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the
-    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key)."""
-    why = _mma_unfit(x, q)
+    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key;
+    PEFTLAB_GEMV_TUNE=0 takes the first, untimed). ``check``: validate x and the weight (the
+    default dispatch has already)."""
+    if config is not None:
+        try:
+            config = MmaTile(*config)
+        except TypeError:
+            raise QuantError(f"matmul_4bit: mma tile {tuple(config)} is not (warps, unroll, "
+                             f"programs per SM[, lut])") from None
+        if config.unroll not in (1, 2, 4) or config.warps not in (1, 2, 4, 8):
+            raise QuantError(f"matmul_4bit: mma tile {tuple(config)}: unroll must be 1, 2 or 4 "
+                             f"and warps 1, 2, 4 or 8")
+    why = _mma_unfit(x, q) if check else None
     if why is not None or M > 16:
         raise QuantError(f"matmul_4bit: the mma kernel {why or f'takes M <= 16 rows, got {M}'}")
     table, tab = _tables(q.code, x.dtype)
@@ -422,13 +460,8 @@ def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
     bias_t = bias.contiguous() if bias is not None else out
 
     def launch(cfg):
-        tile = MmaTile(*cfg)
-        warps, unroll, lut = tile.warps, tile.unroll, tile.lut
-        s, per = _mma_splits(cfg, M, N, K, x.device)
-        if split_k:
-            chunk = _MMA_STEP * unroll * warps
-            per = _cdiv(K // chunk, split_k) * chunk
-            s = _cdiv(K, per)
+        warps, unroll, _, lut = MmaTile(*cfg)
+        s, per = _mma_splits(cfg, M, N, K, x.device, split_k)
         tiles = _cdiv(N, 16)
         _mm4_mma_kernel[(tiles * s,)](
             x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
@@ -439,7 +472,8 @@ def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k) -> None:
             NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)
 
     if config is None:
-        key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device))
+        key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device),
+               split_k)
         config = _MMA_BEST.get(key)
         if config is None:
             cands = [c for c in MMA_CONFIGS if K % (_MMA_STEP * c[0] * c[1]) == 0]

@@ -44,9 +44,9 @@ element per thread, so the lane that loads is the lane that multiplies.
 
 Decoders: PRMT (the default) or, with ``LUT``, a 32 KB shared-memory table of the 256 byte values
 -> their code pair (32 copies, lane l reads copy l, so lookups never share a bank; per byte a
-prmt, an address and an LDS: 8 ALU instructions per word instead of 19). Both give identical
-results; on the H200 the table was slower on every shape (it costs occupancy and a fill per
-program), so it is a pinnable option only.
+prmt, an address and an LDS: 8 ALU instructions per word, against 19 of the PRMT decoder's
+21). Both give identical results; on the H200 the table was slower on every shape (it costs
+occupancy and a fill per program), so it is a pinnable option only.
 
 Measured (H200, ``results/h200_kernels.md``): 1.36-1.66x bf16 ``F.linear`` at M = 1 and
 1.09-1.25x at M = 16 on Llama shapes (the ``tl.dot`` kernel: 0.8-0.95x); Nsight Compute shows

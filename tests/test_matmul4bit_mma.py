@@ -2,8 +2,9 @@
 
 Its inline PTX (mma.sync, prmt) runs only on a GPU: there the kernel is checked against the
 float64 dequantize-then-matmul oracle of test_matmul4bit.py for every tile of MMA_CONFIGS,
-into NaN-poisoned outputs. On the CPU: the dispatch rules, the split-K sizing, the PTX program's
-structure, and that a pinned mma config refuses what it cannot run.
+into NaN-poisoned outputs. On the CPU: which calls the dispatch sends to the kernel (device
+checks stubbed, the kernel replaced by a recorder), the split-K sizing, the PTX programs (their
+structure; the shared-table decoder run by an emulator), and the refusals of a pinned config.
 """
 import re
 
@@ -41,29 +42,70 @@ def test_mma_splits_cover_k_in_whole_chunks(cfg, M, N, K):
     assert s * per >= K and (s - 1) * per < K                    # all of K, no empty split
 
 
+@pytest.mark.parametrize("split_k", [1, 3, 64])
+def test_pinned_split_k_gives_whole_chunks(split_k):
+    cfg = mm.MmaTile(4, 2, 4)
+    s, per = mm._mma_splits(cfg, 1, 4096, 8192, torch.device("cpu"), split_k)
+    assert per % (64 * 4 * 2) == 0 and (s - 1) * per < 8192 <= s * per
+    assert s == min(split_k, 8192 // (64 * 4 * 2))     # fewer splits than asked if K is short
+
+
+def test_dispatch_sends_only_eligible_calls_to_the_mma_kernel(monkeypatch):
+    """With the device checks passed (as on a GPU), record which calls reach the mma kernel;
+    the others run the tiled kernel (interpreted here) and must still be right."""
+    packed, state, W = make(64, 256)
+    calls = []
+    monkeypatch.setattr(mm, "_mma_device_unfit", lambda x: None)
+    monkeypatch.setattr(mm, "_mma", lambda *a, **k: calls.append((a[4], a[7], k)))   # M, tile
+    args = (packed, state.code, state.absmax, 64, 256, 64)
+
+    def run(x, **kw):
+        calls.clear()
+        y = mm.matmul4bit_forward(x, *args, **kw, **raw(state))
+        return bool(calls), y
+
+    xb = torch.randn(2, 256, device=DEV, dtype=torch.bfloat16)
+    assert run(xb)[0] and calls[0][2]["check"] is False            # default: M = 2, bf16
+    assert run(xb, config=("mma", 4, 1, 8))[0] and calls[0][1] == (4, 1, 8)
+    assert run(xb, config=mm.MmaTile(2, 2, 8))[0]                   # a tile on its own
+    for kw in (dict(decoder="table"), dict(config=mm._bucket_configs(mm._FWD_BUCKETS, 16)[0])):
+        taken, y = run(xb, **kw)
+        assert not taken and rel_err(y, xb.double().cpu() @ W.T) < 1e-2
+    x17 = torch.randn(17, 256, device=DEV, dtype=torch.bfloat16)
+    assert not run(x17)[0] and not run(xb.float())[0]
+    monkeypatch.setattr(mm, "MMA_MAX_M", 64)                         # never past 16 rows
+    assert not run(x17)[0]
+    monkeypatch.setenv("PEFTLAB_4BIT_MMA", "0")
+    assert not run(xb)[0]
+
+
 def test_mma_path_is_cuda_only_and_refuses_what_it_cannot_run():
     packed, state, _ = make(64, 256)
     x = torch.randn(2, 256, device=DEV, dtype=torch.bfloat16)
+    args = (x, packed, state.code, state.absmax, 64, 256, 64)
     q = mm._Quant(packed, state.code, state.absmax, 64, 256, 64, state.absmax2, state.code2,
                   state.offset, 256)
     assert mm._mma_ok(x, q, 2, "auto") == CUDA
-    assert not mm._mma_ok(x, q, 17, "auto")                      # M > MMA_MAX_M
-    assert not mm._mma_ok(x, q, 2, "table")                      # the portable decoder asked
-    assert not mm._mma_ok(x.float(), q, 2, "auto")
     if not CUDA:
         with pytest.raises(QuantError, match="needs a CUDA tensor"):
-            mm.matmul4bit_forward(x, packed, state.code, state.absmax, 64, 256, 64,
-                                  config=("mma", 4, 1, 8), **raw(state))
+            mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), **raw(state))
+    with pytest.raises(QuantError, match="decodes with PRMT"):
+        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), decoder="table", **raw(state))
+    with pytest.raises(QuantError, match="is not \\(warps, unroll"):
+        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8, False, 5), **raw(state))
+    with pytest.raises(QuantError, match="split_k must be a positive int"):
+        mm.matmul4bit_forward(*args, split_k=0, **raw(state))
     p96, s96, _ = make(8, 96, bs=32)
     q96 = mm._Quant(p96, s96.code, s96.absmax, 8, 96, 32, s96.absmax2, s96.code2, s96.offset,
                     256)
     x96 = torch.randn(1, 96, device=DEV, dtype=torch.bfloat16)
-    assert not mm._mma_ok(x96, q96, 1, "auto")
+    assert "multiples of 64" in mm._mma_unfit(x96, q96)
+    assert "takes bfloat16 or float16" in mm._mma_unfit(x.float(), q)
+    with pytest.raises(QuantError, match="unroll must be 1, 2 or 4"):   # before any device check
+        mm.matmul4bit_forward(*args, config=("mma", 1, 3, 4), **raw(state))
     if CUDA:
-        assert "multiples of 64" in mm._mma_unfit(x96, q96)
         with pytest.raises(QuantError, match="which do not divide K = 256"):
-            mm.matmul4bit_forward(x, packed, state.code, state.absmax, 64, 256, 64,
-                                  config=("mma", 4, 2, 4), **raw(state))
+            mm.matmul4bit_forward(*args, config=("mma", 4, 2, 4), **raw(state))
 
 
 @pytest.mark.skipif(not CUDA, reason="mma.sync and prmt are inline PTX: CUDA only")
