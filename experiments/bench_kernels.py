@@ -231,7 +231,7 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
                 if base is not None:
                     row["speedup_vs_bf16"] = round(base / ms_, 3)
             rows.append(row)
-        mma = ops["mm"].mma_choice(M, N, K) if cuda and M <= ops["mm"].MMA_MAX_M else None
+        mma = ops["mma"].mma_choice(M, N, K) if cuda and M <= ops["mm"].MMA_MAX_M else None
         if mma is not None:
             print(f"  mma tile for {N}x{K} M={M}: (warps, unroll, programs/SM, lut) = "
                   f"{tuple(mma[0])}; candidates (us, graph replays, unrotated): "
@@ -333,6 +333,7 @@ def main(argv=None) -> int:
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"       # before any @triton.jit is compiled
     from peftlab.kernels import matmul4bit as mm
+    from peftlab.kernels import matmul4bit_mma
     from peftlab.kernels.decode4bit import prmt_decoder_ok
     from peftlab.kernels.matmul4bit import Matmul4bitFunction
     from peftlab.kernels import matmul4bit_kernels as mk
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
         finally:
             mm.MMA_MAX_M = keep
 
-    ops = dict(mm=mm, matmul_4bit=ours, dot_only=dot_only,
+    ops = dict(mm=mm, mma=matmul4bit_mma, matmul_4bit=ours, dot_only=dot_only,
                dequantize=dequantize,
                dequantize_ref=dequantize_4bit_reference, quantize=quantize_4bit,
                QuantState=QuantState, bnb_matmul=bnb_matmul,

@@ -33,7 +33,7 @@ def _raw(state):
                 blocksize2=state.blocksize2 or 256)
 
 
-def check(mm, quantize, deq_ref) -> int:
+def check(mm, mk, quantize, deq_ref) -> int:
     """Print one line per case; return the number of failures."""
     fails = 0
     cases = []
@@ -54,7 +54,7 @@ def check(mm, quantize, deq_ref) -> int:
         x = torch.randn(M, K, device="cuda", dtype=dt)
         bias = torch.randn(N, device="cuda", dtype=dt) if has_bias else None
         ref = x.double() @ W.T + (0 if bias is None else bias.double())
-        cfgs = [None] + [("mma",) + c for c in mm.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
         errs = []
         for cfg in cfgs:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -73,7 +73,7 @@ def check(mm, quantize, deq_ref) -> int:
     return fails
 
 
-def speed(mm, quantize) -> None:
+def speed(mm, mk, quantize) -> None:
     print(f"{'shape':>12} {'M':>3} {'bf16 us':>8} {'mma us':>8} {'dot us':>8} "
           f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, unrotated)")
     for N, K in SHAPES:
@@ -98,7 +98,7 @@ def speed(mm, quantize) -> None:
             t_mma, _ = timed(ours, True, R)
             t_dot, _ = timed(dot, True, R)
             d = (ours(0).double() - dot(0).double()).norm() / dot(0).double().norm()
-            tile, cands = mm.mma_choice(M, N, K) or ("?", [])
+            tile, cands = mk.mma_choice(M, N, K) or ("?", [])
             tile = tuple(tile)
             print(f"{N:>6}x{K:<6} {M:>3} {t_bf * 1e3:8.1f} {t_mma * 1e3:8.1f} {t_dot * 1e3:8.1f} "
                   f"{t_bf / t_mma:8.2f}x {t_bf / t_dot:8.2f}x  {tile}; "
@@ -117,12 +117,13 @@ def main(argv=None) -> int:
         print("needs a CUDA device")
         return 2
     from peftlab.kernels import matmul4bit as mm
+    from peftlab.kernels import matmul4bit_mma as mk
     from peftlab.quant import dequantize_4bit_reference, quantize_4bit
     print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    fails = 0 if args.no_check else check(mm, quantize_4bit, dequantize_4bit_reference)
+    fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)
     print(f"correctness: {fails} failing case(s)")
     if not args.no_speed:
-        speed(mm, quantize_4bit)
+        speed(mm, mk, quantize_4bit)
     return 1 if fails else 0
 
 

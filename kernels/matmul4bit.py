@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +48,14 @@ from peftlab.errors import QuantError
 from peftlab.quant.functional import dequantize_4bit, dequantize_4bit_reference
 from peftlab.quant.state import QuantState
 
-from . import tuning
-from .decode4bit import planes, prmt_decoder_ok
+from .decode4bit import prmt_decoder_ok
 from .matmul4bit_kernels import (_BWD_BUCKETS, _FWD_BUCKETS, _bucket_configs, _mm4_bwd_kernel,
                                  _mm4_bwd_tuned, _mm4_fwd_kernel, _mm4_fwd_tuned, _mm4_gemv_kernel)
-from .matmul4bit_mma import STEP, _mm4_mma_kernel
+from .matmul4bit_common import (MAX_SPLIT, _cdiv, _counters, _interpreting, _m_bucket,
+                                _num_sms, _tables, _workspace)
+from .matmul4bit_mma import MmaTile, _mma, _mma_unfit
 from .tuning import fastest
 
-_MMA_STEP = STEP.value     # K per step of the mma kernel
-
-MAX_SPLIT = 32
 # Rows of x up to which the CUDA-core GEMV kernel runs (fast layout only). 0: never by default.
 # Measured on the H200 (experiments/gemv_vs_dot.py, results/logs/h200_gemv_vs_dot.log): the
 # split-K tensor-core kernel is faster at every M = 1..8 on every shape (M = 1: 132 vs 138 us on
@@ -75,56 +72,22 @@ GEMV_TIMES: Dict[Tuple, list] = {}      # key -> [(config, ms)] of the timed cho
 _GEMV_BEST: Dict[Tuple, tuple] = {}
 # Rows of x up to which the hand-placed mma.sync kernel (``matmul4bit_mma.py``) runs on CUDA
 # (bf16/fp16 x, K % 64 == 0, blocksize % 64 == 0, PRMT decoder verified); 0 turns it off, as does
-# PEFTLAB_4BIT_MMA=0. The fastest of MMA_CONFIGS (``MmaTile``) per (M bucket, N, K, blocksize,
-# nesting, dtype, bias) is picked by timing CUDA-graph replays once. The shared-table decoder is
+# PEFTLAB_4BIT_MMA=0. The fastest of ``matmul4bit_mma.MMA_CONFIGS`` per (M bucket, N, K,
+# blocksize, nesting, dtype, bias, split_k) is picked by timing CUDA-graph replays once. The shared-table decoder is
 # not among the defaults: it was slower on every shape measured (H200, 69.5 vs 75.3 us on
 # 28672x8192 at M = 1, results/logs/h200_mma_probe_s16_lut.log); pin MmaTile(w, u, p, True).
 MMA_MAX_M = 16
 
 
-class MmaTile(NamedTuple):
-    """A launch of the mma kernel: warps per program (sharing 16 rows of W), K steps in flight
-    per warp, programs per SM the split-K sizing aims for, and the shared-table decoder (else
-    PRMT)."""
-    warps: int
-    unroll: int
-    per_sm: int
-    lut: bool = False
-
-
-MMA_CONFIGS = [MmaTile(4, 2, 4), MmaTile(4, 4, 4), MmaTile(8, 2, 2), MmaTile(2, 2, 8),
-               MmaTile(4, 1, 8), MmaTile(1, 1, 16)]
-_PAIRS: Dict[Tuple, tuple] = {}
-MMA_TIMES: Dict[Tuple, list] = {}
-_MMA_BEST: Dict[Tuple, tuple] = {}
-_TAB32: Dict[Tuple, tuple] = {}
 IMPLS = ("auto", "triton", "reference")
 DECODERS = ("auto", "prmt", "table")
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)            # (triton.cdiv is a jit function: slow on the host)
-
-
-def _interpreting() -> bool:
-    return tuning._INTERPRET        # one definition: read when the kernel modules import
 
 
 def _dot_f32(x: torch.Tensor) -> bool:
     """The Triton 3.9 interpreter's tl.dot multiplies bf16 storage as integers, so there bf16
     tiles go to the dot in float32."""
     return x.dtype == torch.bfloat16 and _interpreting()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _m_bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def _num_splits(tiles: int, steps: int, target: int, M: int, K: int) -> int:
@@ -135,51 +98,6 @@ def _num_splits(tiles: int, steps: int, target: int, M: int, K: int) -> int:
     s = min(-(-target // tiles), steps // 2, MAX_SPLIT, max(1, K // (16 * M)))
     per = -(-steps // s)
     return -(-steps // per)            # no empty split
-
-
-_COUNTERS: Dict[Tuple, torch.Tensor] = {}
-_TABLES: Dict[Tuple, tuple] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tile counters (the split-K epilogue leaves them at zero again)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
-def _workspace(splits: int, M: int, N: int, device: torch.device) -> torch.Tensor:
-    """float32 partial tiles [splits, M, N] for split-K (a 1-element stand-in without split)."""
-    return torch.empty((splits, M, N) if splits > 1 else (1,), dtype=torch.float32, device=device)
-
-
-def _tables(code: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(16-bit table [16]: ``dtype``, float16 for float32; its PRMT byte planes int32 [8]) of
-    ``code``, cached per live table object, version and dtype: no conversion kernel per call (a
-    dead table's reused id never matches its weakref)."""
-    key = (id(code), dtype)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0]() is code and hit[1] == code._version:
-        return hit[2]
-    dtype = torch.float16 if dtype == torch.float32 else dtype
-    table = code.reshape(16).to(dtype).contiguous()
-    tab = planes(table, dtype)
-    _cache_put(_TABLES, key, (weakref.ref(code), code._version, (table, tab)))
-    return table, tab
-
-
-def _cache_put(cache: dict, key, value) -> None:
-    """Keep a derived table for later calls, except inside a CUDA graph capture: there the
-    kernels that compute it are only recorded, so eager calls would read garbage."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return
-    if len(cache) > 256:
-        cache.clear()
-    cache[key] = value
 
 
 def _decoder(decoder: str) -> str:
@@ -366,136 +284,10 @@ def matmul4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.Tensor
     return out
 
 
-def _mma_device_unfit(x: torch.Tensor) -> Optional[str]:
-    """Why the mma.sync kernel cannot run where x lives, or None if it can."""
-    if not x.is_cuda or _interpreting():
-        return "needs a CUDA tensor (its inline PTX does not run interpreted)"
-    if not prmt_decoder_ok(x.device, x.dtype):
-        return "needs the PRMT decoder, which failed its on-device check"
-    return None
-
-
-def _mma_unfit(x: torch.Tensor, q: "_Quant") -> Optional[str]:
-    """Why the mma.sync kernel cannot take x and this weight, or None if it can."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"takes bfloat16 or float16 x, got {x.dtype}"
-    if not (q.fast and q.K % _MMA_STEP == 0 and q.bs % _MMA_STEP == 0):
-        return (f"needs K and the blocksize to be multiples of {_MMA_STEP}, got K = {q.K}, "
-                f"blocksize = {q.bs}")
-    if q.bs2 & (q.bs2 - 1):
-        return f"needs a power-of-two nested blocksize, got {q.bs2}"
-    if x.data_ptr() % 16 or x.stride(0) % 8:
-        return "needs x rows on 16-byte boundaries"
-    return _mma_device_unfit(x)
-
-
 def _mma_ok(x: torch.Tensor, q: "_Quant", M: int, decoder: str) -> bool:
     """Whether the mma.sync kernel takes this call by default (see ``MMA_MAX_M``)."""
     return (M <= min(MMA_MAX_M, 16) and os.environ.get("PEFTLAB_4BIT_MMA", "1") != "0"
             and _decoder(decoder) != "table" and _mma_unfit(x, q) is None)
-
-
-def _tab32(tab: torch.Tensor) -> torch.Tensor:
-    """The 8 byte-plane words repeated once per lane (int32 [256]): each lane loads its own copy,
-    so the planes stay in ordinary registers (see the kernel)."""
-    key = (tab.data_ptr(), str(tab.device))
-    hit = _TAB32.get(key)
-    if hit is None or hit[0]() is not tab:
-        hit = (weakref.ref(tab), tab.repeat(32))
-        _cache_put(_TAB32, key, hit)
-    return hit[1]
-
-
-def _pairs(table: torch.Tensor) -> torch.Tensor:
-    """int32 [256]: for each byte value b, the 16-bit codes table[b >> 4] (low half: the high
-    nibble is the first element) and table[b & 15] (high half), for the shared-memory decoder."""
-    key = (table.data_ptr(), str(table.device))
-    hit = _PAIRS.get(key)
-    if hit is None or hit[0]() is not table:
-        bits = table.view(torch.int16).to(torch.int64) & 0xFFFF
-        b = torch.arange(256, device=table.device)
-        v = bits[b >> 4] | bits[b & 15] << 16
-        hit = (weakref.ref(table), torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32))
-        _cache_put(_PAIRS, key, hit)
-    return hit[1]
-
-
-def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = None
-                ) -> Tuple[int, int]:
-    """(splits, K per split) for tile ``cfg`` (``MmaTile`` fields): whole chunks of 64 x warps x
-    unroll per split, no empty split; ``split_k`` asks for that many (fewer if K has fewer
-    chunks), else about ``per_sm`` programs per SM with partials at most the packed weight's K/2
-    bytes a row."""
-    warps, unroll, per_sm = cfg[:3]
-    chunk = _MMA_STEP * unroll * warps
-    units = K // chunk
-    if split_k:
-        s = split_k
-    else:
-        s = max(1, min(_cdiv(per_sm * _num_sms(device), _cdiv(N, 16)), MAX_SPLIT,
-                       max(1, K // (16 * M))))
-    per = _cdiv(units, min(s, units))
-    return _cdiv(units, per), per * chunk
-
-
-def _mma(x, q: "_Quant", bias, out, M, N, K, config, split_k, check: bool = True) -> None:
-    """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the
-    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key;
-    PEFTLAB_GEMV_TUNE=0 takes the first, untimed). ``check``: validate x and the weight (the
-    default dispatch has already)."""
-    if config is not None:
-        try:
-            config = MmaTile(*config)
-        except TypeError:
-            raise QuantError(f"matmul_4bit: mma tile {tuple(config)} is not (warps, unroll, "
-                             f"programs per SM[, lut])") from None
-        if config.unroll not in (1, 2, 4) or config.warps not in (1, 2, 4, 8):
-            raise QuantError(f"matmul_4bit: mma tile {tuple(config)}: unroll must be 1, 2 or 4 "
-                             f"and warps 1, 2, 4 or 8")
-    why = _mma_unfit(x, q) if check else None
-    if why is not None or M > 16:
-        raise QuantError(f"matmul_4bit: the mma kernel {why or f'takes M <= 16 rows, got {M}'}")
-    table, tab = _tables(q.code, x.dtype)
-    x32 = x.view(torch.int32)
-    bias_t = bias.contiguous() if bias is not None else out
-
-    def launch(cfg):
-        warps, unroll, _, lut = MmaTile(*cfg)
-        s, per = _mma_splits(cfg, M, N, K, x.device, split_k)
-        tiles = _cdiv(N, 16)
-        _mm4_mma_kernel[(tiles * s,)](
-            x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
-            q.off, bias_t, out, _workspace(s, M, N, x.device), _counters(x.device, tiles), M,
-            N, K, K // q.bs, x.stride(0), out.stride(0), per, tiles, s,
-            BS_SHIFT=(q.bs // 8).bit_length() - 1, BS2_SHIFT=q.bs2.bit_length() - 1,
-            NESTED=q.nested, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-            NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)
-
-    if config is None:
-        key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device),
-               split_k)
-        config = _MMA_BEST.get(key)
-        if config is None:
-            cands = [c for c in MMA_CONFIGS if K % (_MMA_STEP * c[0] * c[1]) == 0]
-            if (os.environ.get("PEFTLAB_GEMV_TUNE", "1") == "0"
-                    or torch.cuda.is_current_stream_capturing()):
-                config = cands[0]           # no timing (or inside a user's graph capture)
-            else:                           # GPU time from graph replays, not launch cost
-                config, MMA_TIMES[key] = fastest(
-                    cands, lambda c: tuning.graph_ms(lambda: launch(c)), "matmul_4bit mma")
-                _MMA_BEST[key] = config
-    elif K % (_MMA_STEP * config[0] * config[1]):
-        raise QuantError(f"matmul_4bit: mma tile {config} takes K in chunks of "
-                         f"{_MMA_STEP} x {config[0]} warps x {config[1]} steps, which do not "
-                         f"divide K = {K}")
-    launch(config)
-
-
-def mma_choice(M: int, N: int, K: int) -> Optional[tuple]:
-    """(tile, [(tile, ms) of every candidate]) of the mma kernel for this shape, or None."""
-    mb = _m_bucket(M)
-    return next(((v, MMA_TIMES.get(k, [])) for k, v in _MMA_BEST.items()
-                 if k[:3] == (mb, N, K)), None)
 
 
 def _gemv(x, q: "_Quant", bias, out, M, N, K, config, split_k, use_prmt) -> None:

@@ -54,15 +54,28 @@ neither DRAM (28 % of peak) nor the ALU saturated, with 3.6 warps per scheduler:
 
 Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0, blocksize % 64 == 0 (a K step
 inside one block) and a power-of-two nested blocksize; ``matmul4bit.py`` falls back to the
-``tl.dot`` kernel otherwise.
+``tl.dot`` kernel otherwise. The host side (eligibility ``_mma_unfit``, split-K sizing
+``_mma_splits``, tile choice over ``MMA_CONFIGS`` and the launch ``_mma``) is at the end of this
+file; shared helpers in ``matmul4bit_common.py``.
 """
 from __future__ import annotations
 
+import os
+import weakref
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
-from .decode4bit import decode_pairs
+from peftlab.errors import QuantError
+
+from . import tuning
+from .decode4bit import decode_pairs, prmt_decoder_ok
+from .matmul4bit_common import (MAX_SPLIT, _cache_put, _cdiv, _counters, _interpreting,
+                                _m_bucket, _num_sms, _tables, _workspace)
 from .matmul4bit_kernels import _epilogue
+from .tuning import fastest
 
 STEP = tl.constexpr(64)    # K per step: 4 lanes x 16 codes
 
@@ -395,3 +408,153 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
               y_ptr, ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, N_SPLIT, tid, g, t,
               t0, t1, t2, t3, t4, t5, t6, t7, off, BS_SHIFT, BS2_SHIFT, NESTED, HAS_BIAS,
               IS_BF16, NCOL, UNROLL, WARPS, LUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: eligibility, split-K sizing, tile choice and launch (``matmul4bit.py`` dispatches)
+# ---------------------------------------------------------------------------------------------
+_MMA_STEP = STEP.value
+
+
+class MmaTile(NamedTuple):
+    """A launch of the mma kernel: warps per program (sharing 16 rows of W), K steps in flight
+    per warp, programs per SM the split-K sizing aims for, and the shared-table decoder (else
+    PRMT)."""
+    warps: int
+    unroll: int
+    per_sm: int
+    lut: bool = False
+
+
+MMA_CONFIGS = [MmaTile(4, 2, 4), MmaTile(4, 4, 4), MmaTile(8, 2, 2), MmaTile(2, 2, 8),
+               MmaTile(4, 1, 8), MmaTile(1, 1, 16)]
+_PAIRS: Dict[Tuple, tuple] = {}
+MMA_TIMES: Dict[Tuple, list] = {}
+_MMA_BEST: Dict[Tuple, tuple] = {}
+_TAB32: Dict[Tuple, tuple] = {}
+
+
+def _mma_device_unfit(x: torch.Tensor) -> Optional[str]:
+    """Why the mma.sync kernel cannot run where x lives, or None if it can."""
+    if not x.is_cuda or _interpreting():
+        return "needs a CUDA tensor (its inline PTX does not run interpreted)"
+    if not prmt_decoder_ok(x.device, x.dtype):
+        return "needs the PRMT decoder, which failed its on-device check"
+    return None
+
+
+def _mma_unfit(x: torch.Tensor, q) -> Optional[str]:
+    """Why the mma.sync kernel cannot take x and this weight, or None if it can."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"takes bfloat16 or float16 x, got {x.dtype}"
+    if not (q.fast and q.K % _MMA_STEP == 0 and q.bs % _MMA_STEP == 0):
+        return (f"needs K and the blocksize to be multiples of {_MMA_STEP}, got K = {q.K}, "
+                f"blocksize = {q.bs}")
+    if q.bs2 & (q.bs2 - 1):
+        return f"needs a power-of-two nested blocksize, got {q.bs2}"
+    if x.data_ptr() % 16 or x.stride(0) % 8:
+        return "needs x rows on 16-byte boundaries"
+    return _mma_device_unfit(x)
+
+
+def _tab32(tab: torch.Tensor) -> torch.Tensor:
+    """The 8 byte-plane words repeated once per lane (int32 [256]): each lane loads its own copy,
+    so the planes stay in ordinary registers (see the kernel)."""
+    key = (tab.data_ptr(), str(tab.device))
+    hit = _TAB32.get(key)
+    if hit is None or hit[0]() is not tab:
+        hit = (weakref.ref(tab), tab.repeat(32))
+        _cache_put(_TAB32, key, hit)
+    return hit[1]
+
+
+def _pairs(table: torch.Tensor) -> torch.Tensor:
+    """int32 [256]: for each byte value b, the 16-bit codes table[b >> 4] (low half: the high
+    nibble is the first element) and table[b & 15] (high half), for the shared-memory decoder."""
+    key = (table.data_ptr(), str(table.device))
+    hit = _PAIRS.get(key)
+    if hit is None or hit[0]() is not table:
+        bits = table.view(torch.int16).to(torch.int64) & 0xFFFF
+        b = torch.arange(256, device=table.device)
+        v = bits[b >> 4] | bits[b & 15] << 16
+        hit = (weakref.ref(table), torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32))
+        _cache_put(_PAIRS, key, hit)
+    return hit[1]
+
+
+def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = None
+                ) -> Tuple[int, int]:
+    """(splits, K per split) for tile ``cfg`` (``MmaTile`` fields): whole chunks of 64 x warps x
+    unroll per split, no empty split; ``split_k`` asks for that many (fewer if K has fewer
+    chunks), else about ``per_sm`` programs per SM with partials at most the packed weight's K/2
+    bytes a row."""
+    warps, unroll, per_sm = cfg[:3]
+    chunk = _MMA_STEP * unroll * warps
+    units = K // chunk
+    if split_k:
+        s = split_k
+    else:
+        s = max(1, min(_cdiv(per_sm * _num_sms(device), _cdiv(N, 16)), MAX_SPLIT,
+                       max(1, K // (16 * M))))
+    per = _cdiv(units, min(s, units))
+    return _cdiv(units, per), per * chunk
+
+
+def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
+    """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the
+    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key;
+    PEFTLAB_GEMV_TUNE=0 takes the first, untimed). ``check``: validate x and the weight (the
+    default dispatch has already)."""
+    if config is not None:
+        try:
+            config = MmaTile(*config)
+        except TypeError:
+            raise QuantError(f"matmul_4bit: mma tile {tuple(config)} is not (warps, unroll, "
+                             f"programs per SM[, lut])") from None
+        if config.unroll not in (1, 2, 4) or config.warps not in (1, 2, 4, 8):
+            raise QuantError(f"matmul_4bit: mma tile {tuple(config)}: unroll must be 1, 2 or 4 "
+                             f"and warps 1, 2, 4 or 8")
+    why = _mma_unfit(x, q) if check else None
+    if why is not None or M > 16:
+        raise QuantError(f"matmul_4bit: the mma kernel {why or f'takes M <= 16 rows, got {M}'}")
+    table, tab = _tables(q.code, x.dtype)
+    x32 = x.view(torch.int32)
+    bias_t = bias.contiguous() if bias is not None else out
+
+    def launch(cfg):
+        warps, unroll, _, lut = MmaTile(*cfg)
+        s, per = _mma_splits(cfg, M, N, K, x.device, split_k)
+        tiles = _cdiv(N, 16)
+        _mm4_mma_kernel[(tiles * s,)](
+            x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
+            q.off, bias_t, out, _workspace(s, M, N, x.device), _counters(x.device, tiles), M,
+            N, K, K // q.bs, x.stride(0), out.stride(0), per, tiles, s,
+            BS_SHIFT=(q.bs // 8).bit_length() - 1, BS2_SHIFT=q.bs2.bit_length() - 1,
+            NESTED=q.nested, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
+            NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)
+
+    if config is None:
+        key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device),
+               split_k)
+        config = _MMA_BEST.get(key)
+        if config is None:
+            cands = [c for c in MMA_CONFIGS if K % (_MMA_STEP * c[0] * c[1]) == 0]
+            if (os.environ.get("PEFTLAB_GEMV_TUNE", "1") == "0"
+                    or x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                config = cands[0]           # no timing (or inside a user's graph capture)
+            else:                           # GPU time from graph replays, not launch cost
+                config, MMA_TIMES[key] = fastest(
+                    cands, lambda c: tuning.graph_ms(lambda: launch(c)), "matmul_4bit mma")
+                _MMA_BEST[key] = config
+    elif K % (_MMA_STEP * config[0] * config[1]):
+        raise QuantError(f"matmul_4bit: mma tile {config} takes K in chunks of "
+                         f"{_MMA_STEP} x {config[0]} warps x {config[1]} steps, which do not "
+                         f"divide K = {K}")
+    launch(config)
+
+
+def mma_choice(M: int, N: int, K: int) -> Optional[tuple]:
+    """(tile, [(tile, ms) of every candidate]) of the mma kernel for this shape, or None."""
+    mb = _m_bucket(M)
+    return next(((v, MMA_TIMES.get(k, [])) for k, v in _MMA_BEST.items()
+                 if k[:3] == (mb, N, K)), None)

@@ -32,20 +32,20 @@ def test_mma_ptx_chains_four_mmas_from_zero():
 
 
 @pytest.mark.parametrize("cfg,M,N,K", [
-    (cfg, M, N, K) for cfg in mm.MMA_CONFIGS
+    (cfg, M, N, K) for cfg in mk.MMA_CONFIGS
     for M, N, K in [(1, 4096, 4096), (16, 28672, 8192), (3, 100, 1024), (1, 64, 16384)]
     if K % (64 * cfg[0] * cfg[1]) == 0])          # the tuner offers only these
 def test_mma_splits_cover_k_in_whole_chunks(cfg, M, N, K):
     chunk = 64 * cfg[0] * cfg[1]
-    s, per = mm._mma_splits(cfg, M, N, K, torch.device("cpu"))
+    s, per = mk._mma_splits(cfg, M, N, K, torch.device("cpu"))
     assert per % chunk == 0 and 1 <= s <= mm.MAX_SPLIT
     assert s * per >= K and (s - 1) * per < K                    # all of K, no empty split
 
 
 @pytest.mark.parametrize("split_k", [1, 3, 64])
 def test_pinned_split_k_gives_whole_chunks(split_k):
-    cfg = mm.MmaTile(4, 2, 4)
-    s, per = mm._mma_splits(cfg, 1, 4096, 8192, torch.device("cpu"), split_k)
+    cfg = mk.MmaTile(4, 2, 4)
+    s, per = mk._mma_splits(cfg, 1, 4096, 8192, torch.device("cpu"), split_k)
     assert per % (64 * 4 * 2) == 0 and (s - 1) * per < 8192 <= s * per
     assert s == min(split_k, 8192 // (64 * 4 * 2))     # fewer splits than asked if K is short
 
@@ -55,7 +55,7 @@ def test_dispatch_sends_only_eligible_calls_to_the_mma_kernel(monkeypatch):
     the others run the tiled kernel (interpreted here) and must still be right."""
     packed, state, W = make(64, 256)
     calls = []
-    monkeypatch.setattr(mm, "_mma_device_unfit", lambda x: None)
+    monkeypatch.setattr(mk, "_mma_device_unfit", lambda x: None)
     monkeypatch.setattr(mm, "_mma", lambda *a, **k: calls.append((a[4], a[7], k)))   # M, tile
     args = (packed, state.code, state.absmax, 64, 256, 64)
 
@@ -67,7 +67,7 @@ def test_dispatch_sends_only_eligible_calls_to_the_mma_kernel(monkeypatch):
     xb = torch.randn(2, 256, device=DEV, dtype=torch.bfloat16)
     assert run(xb)[0] and calls[0][2]["check"] is False            # default: M = 2, bf16
     assert run(xb, config=("mma", 4, 1, 8))[0] and calls[0][1] == (4, 1, 8)
-    assert run(xb, config=mm.MmaTile(2, 2, 8))[0]                   # a tile on its own
+    assert run(xb, config=mk.MmaTile(2, 2, 8))[0]                   # a tile on its own
     for kw in (dict(decoder="table"), dict(config=mm._bucket_configs(mm._FWD_BUCKETS, 16)[0])):
         taken, y = run(xb, **kw)
         assert not taken and rel_err(y, xb.double().cpu() @ W.T) < 1e-2
@@ -99,8 +99,8 @@ def test_mma_path_is_cuda_only_and_refuses_what_it_cannot_run():
     q96 = mm._Quant(p96, s96.code, s96.absmax, 8, 96, 32, s96.absmax2, s96.code2, s96.offset,
                     256)
     x96 = torch.randn(1, 96, device=DEV, dtype=torch.bfloat16)
-    assert "multiples of 64" in mm._mma_unfit(x96, q96)
-    assert "takes bfloat16 or float16" in mm._mma_unfit(x.float(), q)
+    assert "multiples of 64" in mk._mma_unfit(x96, q96)
+    assert "takes bfloat16 or float16" in mk._mma_unfit(x.float(), q)
     with pytest.raises(QuantError, match="unroll must be 1, 2 or 4"):   # before any device check
         mm.matmul4bit_forward(*args, config=("mma", 1, 3, 4), **raw(state))
     if CUDA:
@@ -121,7 +121,7 @@ def test_mma_kernel_matches_float64_oracle_for_every_tile(M, N, K, bs, qt, dq, d
     x = torch.randn(M, K, device=DEV).to(dtype)
     bias = torch.randn(N, device=DEV).to(dtype) if has_bias else None
     ref = x.double().cpu() @ W.T + (bias.double().cpu() if has_bias else 0)
-    tiles = [None] + [("mma",) + c for c in mm.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+    tiles = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
     for cfg in tiles:
         out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
         y = mm.matmul4bit_forward(x, packed, state.code, state.absmax, N, K, bs, bias=bias,
@@ -147,7 +147,7 @@ def test_shared_pair_table_program_decodes_every_byte():
     the 256-entry pair table: every byte value in every position of the word."""
     from test_decode4bit import M32, prmt      # the PTX emulator's prmt semantics
     table = torch.randn(16).to(torch.bfloat16)
-    pairs = [int(v) & M32 for v in mm._pairs(table).tolist()]
+    pairs = [int(v) & M32 for v in mk._pairs(table).tolist()]
     bits = (table.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
     assert all(pairs[b] == bits[b >> 4] | bits[b & 15] << 16 for b in range(256))
     lane, base = 5, 0x1000
@@ -180,3 +180,40 @@ def test_shared_table_and_prmt_decoders_give_identical_results():
     lut = mm.matmul4bit_forward(*args, config=("mma", 4, 2, 4, True), **raw(state))
     prm = mm.matmul4bit_forward(*args, config=("mma", 4, 2, 4, False), **raw(state))
     assert torch.equal(lut, prm)                 # same codes, same MMAs, same order
+
+
+def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
+    """The host launcher on the CPU with the kernel replaced by a recorder (the device checks
+    stubbed): every argument of the kernel's signature passed by name or position, the grid =
+    row tiles x splits, the constexprs derived from the weight and the tile; the tuner path too
+    (its timing stubbed)."""
+    names = mk._mm4_mma_kernel.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                kw.pop("num_warps")
+                assert sorted(names[:len(args)] + list(kw)) == sorted(names)
+                launches.append((grid, dict(zip(names, args)), kw))
+            return launch
+
+    monkeypatch.setattr(mk, "_mm4_mma_kernel", Recorder())
+    monkeypatch.setattr(mk, "_mma_device_unfit", lambda x: None)
+    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(mk, "_MMA_BEST", {})
+    packed, state, _ = make(1000, 4096, bs=128)
+    q = mm._Quant(packed, state.code, state.absmax, 1000, 4096, 128, state.absmax2, state.code2,
+                  state.offset, 256)
+    x = torch.randn(9, 4096, dtype=torch.bfloat16)
+    out = torch.empty(9, 1000, dtype=torch.bfloat16)
+    for tile in mk.MMA_CONFIGS:
+        mk._mma(x, q, None, out, 9, 1000, 4096, tile, None)
+        grid, args, kw = launches[-1]
+        s, per = mk._mma_splits(tile, 9, 1000, 4096, x.device)
+        assert grid == (63 * s,) and args["TILES"] == 63 and args["N_SPLIT"] == s
+        assert args["PER"] == per and kw["UNROLL"] == tile.unroll and kw["WARPS"] == tile.warps
+        assert kw["NCOL"] == 2 and kw["BS_SHIFT"] == 4 and kw["BS2_SHIFT"] == 8     # 128 / 8
+    mk._mma(x, q, None, out, 9, 1000, 4096, None, None)             # tuned: every tile tried
+    assert len(launches) == 2 * len(mk.MMA_CONFIGS) + 1                # + each trial, the pick
+    assert len(mk._MMA_BEST) == 1
