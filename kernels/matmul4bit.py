@@ -72,10 +72,7 @@ GEMV_TIMES: Dict[Tuple, list] = {}      # key -> [(config, ms)] of the timed cho
 _GEMV_BEST: Dict[Tuple, tuple] = {}
 # Rows of x up to which the hand-placed mma.sync kernel (``matmul4bit_mma.py``) runs on CUDA
 # (bf16/fp16 x, K % 64 == 0, blocksize % 64 == 0, PRMT decoder verified); 0 turns it off, as does
-# PEFTLAB_4BIT_MMA=0. The fastest of ``matmul4bit_mma.MMA_CONFIGS`` per (M bucket, N, K,
-# blocksize, nesting, dtype, bias, split_k) is picked by timing CUDA-graph replays once. The shared-table decoder is
-# not among the defaults: it was slower on every shape measured (H200, 69.5 vs 75.3 us on
-# 28672x8192 at M = 1, results/logs/h200_mma_probe_s16_lut.log); pin MmaTile(w, u, p, True).
+# PEFTLAB_4BIT_MMA=0; it never takes more than 16 rows. Its tile: ``matmul4bit_mma.MMA_CONFIGS``.
 MMA_MAX_M = 16
 
 

@@ -1,5 +1,6 @@
-"""Host-side helpers shared by the 4-bit matmul launchers (``matmul4bit.py`` and the mma
-kernel's launcher in ``matmul4bit_mma.py``): sizes, split-K buffers, the 16-bit code tables."""
+"""Host-side helpers shared by the QLoRA 4-bit matmul launchers (Dettmers et al. 2023, arXiv
+2305.14314; ``matmul4bit.py`` and the mma kernel's launcher in ``matmul4bit_mma.py``): sizes,
+split-K buffers, the 16-bit code tables."""
 from __future__ import annotations
 
 import weakref

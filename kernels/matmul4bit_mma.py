@@ -126,7 +126,6 @@ def _ld4(ptr):
 # A shared-memory table of the 256 byte values -> their two codes as a 16-bit pair (e0 = the high
 # nibble in the low half), 32 copies so that lane l reads copy l: word e*32 + l sits in bank l,
 # so a warp's 32 lookups never conflict. 32 KB, declared in PTX (static shared memory).
-_LUT_WORDS = tl.constexpr(256 * 32)
 _LUT_DECL = tl.constexpr("{\n.shared .align 16 .b32 peftlab_pairs[8192];\n"
                          "mov.u32 $0, peftlab_pairs;\n}")
 _LUT_PAIRS = tl.constexpr(
@@ -172,6 +171,16 @@ def _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
         return tl.inline_asm_elementwise(_MMA_F16, _MMA_CONSTRAINTS, args,
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
                                          is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_acc(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
+             x0, x1, x2, x3, x4, x5, x6, x7, a_g, a_h, c0, c1, c2, c3, IS_BF16: tl.constexpr):
+    """C += (this step's C of rows g, g+8) * their absmax: c0, c1 belong to row g, c2, c3 to
+    row g+8 (see the fragment table above)."""
+    d0, d1, d2, d3 = _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
+                           x0, x1, x2, x3, x4, x5, x6, x7, IS_BF16)
+    return c0 + d0 * a_g, c1 + d1 * a_g, c2 + d2 * a_h, c3 + d3 * a_h
 
 
 @triton.jit
@@ -234,31 +243,51 @@ def _compute_step(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
         g4, g5, g6, g7 = decode_pairs(gw1, t0, t1, t2, t3, t4, t5, t6, t7)
         h0, h1, h2, h3 = decode_pairs(hw0, t0, t1, t2, t3, t4, t5, t6, t7)
         h4, h5, h6, h7 = decode_pairs(hw1, t0, t1, t2, t3, t4, t5, t6, t7)
-    c0, c1, c2, c3 = _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
-                           x0, x1, x2, x3, x4, x5, x6, x7, IS_BF16)
-    acc0 += c0 * a_g
-    acc1 += c1 * a_g
-    acc2 += c2 * a_h
-    acc3 += c3 * a_h
+    acc0, acc1, acc2, acc3 = _mma_acc(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5,
+                                      h6, h7, x0, x1, x2, x3, x4, x5, x6, x7, a_g, a_h, acc0,
+                                      acc1, acc2, acc3, IS_BF16)
     if NCOL == 2:
-        c0, c1, c2, c3 = _mma4(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
-                               y0, y1, y2, y3, y4, y5, y6, y7, IS_BF16)
-        acc4 += c0 * a_g
-        acc5 += c1 * a_g
-        acc6 += c2 * a_h
-        acc7 += c3 * a_h
+        acc4, acc5, acc6, acc7 = _mma_acc(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4,
+                                          h5, h6, h7, y0, y1, y2, y3, y4, y5, y6, y7, a_g, a_h,
+                                          acc4, acc5, acc6, acc7, IS_BF16)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
 @triton.jit
-def _mma_item(pid_n, pid_k, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr, y_ptr, ws_ptr,
-              cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, N_SPLIT, tid, g, t,
-              t0, t1, t2, t3, t4, t5, t6, t7, off,
-              BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
-              HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
-              UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
-    """One work item: y[:M, rows 16*pid_n ..] over K split pid_k (see the kernel)."""
+def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, bias_ptr, y_ptr,
+                    ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, TILES, N_SPLIT,
+                    BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
+                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
+    """y[:M, 16 rows pid_n] over K range [pid_k*PER, +PER); grid (TILES x N_SPLIT,), program id
+    = pid_n + TILES * pid_k.
+
+    x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
+    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
     THREADS: tl.constexpr = 32 * WARPS
+    tid = _thread_ids(THREADS)
+    lane = tid % 32
+    g = lane // 4
+    t = lane % 4
+    if LUT:
+        # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
+        lut = _lut_base(tid)
+        for i in range(0, 256 // WARPS):
+            e = (tid // 32) + WARPS * i
+            _st_shared(lut + (e * 32 + lane) * 4, tl.load(tab_ptr + e))
+        tl.debug_barrier()
+        t0 = lut + 4 * lane
+        dec = (t0, t0, t0, t0, t0, t0, t0, t0)      # the decoder's context: the lane's base
+    else:
+        # the byte planes in ordinary registers: each lane loads its own copy (loaded from one
+        # address ptxas keeps them in uniform registers and copies them out before every prmt)
+        tabp = tab_ptr + 8 * lane
+        t0, t1, t2, t3 = _ld4(tabp)
+        t4, t5, t6, t7 = _ld4(tabp + 4)
+        dec = (t0, t1, t2, t3, t4, t5, t6, t7)
+    off = tl.load(off_ptr) if NESTED else 0.0
+    pid_n = tl.program_id(0) % TILES
+    pid_k = tl.program_id(0) // TILES
     row_g = pid_n * 16 + g                          # all warps: the same 16 rows of W
     row_h = row_g + 8
     ld_g = tl.minimum(row_g, N - 1)                 # rows past N: load row N-1, store nothing
@@ -271,14 +300,8 @@ def _mma_item(pid_n, pid_k, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr, 
     xp1 = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
     bg = ld_g * KB
     bh = ld_h * KB
-    acc0 = tl.zeros([THREADS], dtype=tl.float32)
-    acc1 = tl.zeros([THREADS], dtype=tl.float32)
-    acc2 = tl.zeros([THREADS], dtype=tl.float32)
-    acc3 = tl.zeros([THREADS], dtype=tl.float32)
-    acc4 = tl.zeros([THREADS], dtype=tl.float32)
-    acc5 = tl.zeros([THREADS], dtype=tl.float32)
-    acc6 = tl.zeros([THREADS], dtype=tl.float32)
-    acc7 = tl.zeros([THREADS], dtype=tl.float32)
+    zero = tl.zeros([THREADS], dtype=tl.float32)
+    acc = (zero, zero, zero, zero, zero, zero, zero, zero)   # rows g, g+8 x 2 (x 2 groups)
     # software pipelined: the loads of the next UNROLL steps are in flight while this
     # iteration's steps are decoded and multiplied
     q_lo = pid_k * (PER // 8)                       # in words of a row (8 codes each)
@@ -303,44 +326,29 @@ def _mma_item(pid_n, pid_k, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr, 
     for q in range(q_lo + st * UNROLL, q_hi, st * UNROLL):
         na = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + qw, BS_SHIFT,
                         BS2_SHIFT, NESTED, NCOL)
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-            *a, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
-            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+        acc = _compute_step(*a, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
         a = na
         if UNROLL >= 2:
             nb = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + st + qw, BS_SHIFT,
                             BS2_SHIFT, NESTED, NCOL)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-                *b, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
-                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            acc = _compute_step(*b, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
             b = nb
         if UNROLL == 4:
             nc = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 2 * st + qw,
                             BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-                *c, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
-                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            acc = _compute_step(*c, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
             c = nc
             nd = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 3 * st + qw,
                             BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-                *d, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3,
-                acc4, acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+            acc = _compute_step(*d, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
             d = nd
-    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-        *a, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4, acc5,
-        acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+    acc = _compute_step(*a, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
     if UNROLL >= 2:
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-            *b, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
-            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+        acc = _compute_step(*b, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
     if UNROLL == 4:
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-            *c, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
-            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
-        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _compute_step(
-            *d, code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7, acc0, acc1, acc2, acc3, acc4,
-            acc5, acc6, acc7, NESTED, IS_BF16, NCOL, LUT)
+        acc = _compute_step(*c, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+        acc = _compute_step(*d, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
     # sum the warps' partial C (logical element = thread id: the lane's values in warp order)
     acc0 = tl.sum(tl.reshape(acc0, (WARPS, 32)), axis=0)
     acc1 = tl.sum(tl.reshape(acc1, (WARPS, 32)), axis=0)
@@ -371,45 +379,6 @@ def _mma_item(pid_n, pid_k, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr, 
               cnt_ptr, pid_n, pid_k, N_SPLIT, M * N)
 
 
-@triton.jit
-def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, bias_ptr, y_ptr,
-                    ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, TILES, N_SPLIT,
-                    BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
-                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
-    """y[:M, 16 rows] over K range [pid_k*PER, +PER); grid (TILES x N_SPLIT,), one program per
-    (row tile, K split).
-
-    x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
-    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
-    THREADS: tl.constexpr = 32 * WARPS
-    tid = _thread_ids(THREADS)
-    lane = tid % 32
-    g = lane // 4
-    t = lane % 4
-    if LUT:
-        # tab_ptr: the 256 pairs; warp w fills entries w, w + WARPS, ..., lane l copy l
-        lut = _lut_base(tid)
-        for i in range(0, 256 // WARPS):
-            e = (tid // 32) + WARPS * i
-            _st_shared(lut + (e * 32 + lane) * 4, tl.load(tab_ptr + e))
-        tl.debug_barrier()
-        t0 = lut + 4 * lane
-        t1, t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0, t0
-    else:
-        # the byte planes in ordinary registers: each lane loads its own copy (loaded from one
-        # address ptxas keeps them in uniform registers and copies them out before every prmt)
-        tabp = tab_ptr + 8 * lane
-        t0, t1, t2, t3 = _ld4(tabp)
-        t4, t5, t6, t7 = _ld4(tabp + 4)
-    off = tl.load(off_ptr) if NESTED else 0.0
-    item = tl.program_id(0)
-    _mma_item(item % TILES, item // TILES, x_ptr, w_ptr, am_ptr, am2_ptr, code2_ptr, bias_ptr,
-              y_ptr, ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, N_SPLIT, tid, g, t,
-              t0, t1, t2, t3, t4, t5, t6, t7, off, BS_SHIFT, BS2_SHIFT, NESTED, HAS_BIAS,
-              IS_BF16, NCOL, UNROLL, WARPS, LUT)
-
-
 # ---------------------------------------------------------------------------------------------
 # Host side: eligibility, split-K sizing, tile choice and launch (``matmul4bit.py`` dispatches)
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +395,10 @@ class MmaTile(NamedTuple):
     lut: bool = False
 
 
+# The tuner's candidates; the fastest per (M bucket, N, K, blocksize, nesting, dtype, bias,
+# split_k) is picked by timing CUDA-graph replays once. The shared-table decoder is not among
+# them: it was slower on every shape measured (H200, 75.3 vs 69.5 us on 28672x8192 at M = 1,
+# results/logs/h200_mma_probe_s16_lut.log); pin MmaTile(w, u, p, True) to use it.
 MMA_CONFIGS = [MmaTile(4, 2, 4), MmaTile(4, 4, 4), MmaTile(8, 2, 2), MmaTile(2, 2, 8),
                MmaTile(4, 1, 8), MmaTile(1, 1, 16)]
 _PAIRS: Dict[Tuple, tuple] = {}
