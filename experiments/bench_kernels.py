@@ -233,9 +233,10 @@ def bench_shape(N, K, ms, device, cuda, bf, ops, ceil, rows, table):
             rows.append(row)
         mma = ops["mma"].mma_choice(M, N, K) if cuda and M <= ops["mm"].MMA_MAX_M else None
         if mma is not None:
-            print(f"  mma tile for {N}x{K} M={M}: (warps, unroll, programs/SM, lut) = "
-                  f"{tuple(mma[0])}; candidates (us, graph replays, unrotated): "
-                  + ", ".join(f"{tuple(c)} {t * 1e3:.1f}" for c, t in mma[1]))
+            describe = ops["mma"].mma_describe
+            print(f"  mma tile for {N}x{K} M={M}: "
+                  f"{describe(mma[0])}; candidates (us, graph replays, weight copies rotated): "
+                  + ", ".join(f"{describe(c)} {t * 1e3:.1f}" for c, t in mma[1]))
         gemv = ops["mm"].gemv_choice(M, N, K) if cuda else None
         if gemv is not None:
             (bn, bk, warps, per_sm, pf), cands = gemv

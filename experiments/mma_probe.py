@@ -75,7 +75,7 @@ def check(mm, mk, quantize, deq_ref) -> int:
 
 def speed(mm, mk, quantize) -> None:
     print(f"{'shape':>12} {'M':>3} {'bf16 us':>8} {'mma us':>8} {'dot us':>8} "
-          f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, unrotated)")
+          f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, weight copies rotated)")
     for N, K in SHAPES:
         torch.manual_seed(0)
         w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
@@ -99,11 +99,51 @@ def speed(mm, mk, quantize) -> None:
             t_dot, _ = timed(dot, True, R)
             d = (ours(0).double() - dot(0).double()).norm() / dot(0).double().norm()
             tile, cands = mk.mma_choice(M, N, K) or ("?", [])
-            tile = tuple(tile)
+            tile = mk.mma_describe(tile)
             print(f"{N:>6}x{K:<6} {M:>3} {t_bf * 1e3:8.1f} {t_mma * 1e3:8.1f} {t_dot * 1e3:8.1f} "
                   f"{t_bf / t_mma:8.2f}x {t_bf / t_dot:8.2f}x  {tile}; "
-                  + ", ".join(f"{tuple(c)} {t * 1e3:.1f}" for c, t in cands)
+                  + ", ".join(f"{mk.mma_describe(c)} {t * 1e3:.1f}" for c, t in cands)
                   + f"; |mma-dot|/|dot| {d:.1e}")
+        reps = xs = None
+        torch.cuda.empty_cache()
+
+
+def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
+    """Every tile of MMA_CONFIGS x pinned split-K at M = 1 and 16 (rotated inputs: cold L2).
+    (Session 17 also swept tiles that load x when a step runs instead of with the weights, one
+    step ahead: they lost, ``results/logs/h200_mma_sweep_s17_xahead.log``.)"""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = list(mk.MMA_CONFIGS)
+    print(f"sweep: us per call, graph replays, rotated; {sms} SMs; columns = split_k {splits}")
+    for N, K in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, st = quantize(w, blocksize=64, quant_type="nf4", double_quant=True)
+        R = replicas(nbytes(packed), True)
+        reps = [(packed, st)] + [copy.deepcopy((packed, st)) for _ in range(R - 1)]
+        for M in (1, 16):
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
+            ref = xs[0].double() @ deq_ref(packed, st, torch.float32).double().T
+            best = mm.matmul_4bit  # the tuner's pick (its timing rotates weight copies)
+            t_auto, _ = timed(lambda r: best(xs[r], reps[r][0], reps[r][1]), True, R)
+            print(f"{N:>6}x{K:<6} M={M:<2} tuned {t_auto * 1e3:6.1f} "
+                  f"{mk.mma_describe(mk.mma_choice(M, N, K)[0])}", flush=True)
+            for tile in tiles:
+                if K % (64 * tile[0] * tile[1]):
+                    continue
+                row = []
+                for s in splits:
+                    cfg = ("mma",) + tuple(tile)
+
+                    def f(r, cfg=cfg, s=s):
+                        p, q = reps[r]
+                        return mm.matmul4bit_forward(xs[r], p, q.code, q.absmax, N, K, 64,
+                                                     split_k=s, config=cfg, **_raw(q))
+                    y = f(0).double()
+                    err = float((y - ref).norm() / ref.norm())
+                    t, _ = timed(f, True, R)
+                    row.append(f"{t * 1e3:6.1f}" + ("" if err < 1e-2 else f"!ERR {err:.1e}"))
+                print(f"    {tuple(int(v) for v in tile)} " + " ".join(row), flush=True)
         reps = xs = None
         torch.cuda.empty_cache()
 
@@ -112,6 +152,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="every tile x pinned split-K")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -122,6 +163,8 @@ def main(argv=None) -> int:
     print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}")
     fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)
     print(f"correctness: {fails} failing case(s)")
+    if args.sweep:
+        sweep(mm, mk, quantize_4bit, dequantize_4bit_reference)
     if not args.no_speed:
         speed(mm, mk, quantize_4bit)
     return 1 if fails else 0

@@ -60,6 +60,8 @@ file; shared helpers in ``matmul4bit_common.py``.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import weakref
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -395,8 +397,9 @@ class MmaTile(NamedTuple):
     lut: bool = False
 
 
-# The tuner's candidates; the fastest per (M bucket, N, K, blocksize, nesting, dtype, bias,
-# split_k) is picked by timing CUDA-graph replays once. The shared-table decoder is not among
+# The tuner's tiles (each with its split-K sizing and unsplit, ``_mma_candidates``); the fastest
+# per (M bucket, N, K, blocksize, nesting, dtype, bias, split_k) is picked by timing CUDA-graph
+# replays on rotated weight copies once. The shared-table decoder is not among
 # them: it was slower on every shape measured (H200, 75.3 vs 69.5 us on 28672x8192 at M = 1,
 # results/logs/h200_mma_probe_s16_lut.log); pin MmaTile(w, u, p, True) to use it.
 MMA_CONFIGS = [MmaTile(4, 2, 4), MmaTile(4, 4, 4), MmaTile(8, 2, 2), MmaTile(2, 2, 8),
@@ -473,9 +476,44 @@ def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = No
     return _cdiv(units, per), per * chunk
 
 
+def _cold_copies(q, l2_multiple: float = 2.5, most: int = 16) -> list:
+    """``q`` and copies of its packed weight and absmax, together about ``l2_multiple`` x the L2
+    (at most ``most``), for timing tiles the way a decoding model meets its weights: in DRAM,
+    every other layer having passed through L2 since. (Replays of calls on one weight that fits
+    in L2 time partly cached reads and picked tiles up to 15 % slower than the best cold one on
+    the H200: ``results/logs/h200_mma_sweep_s17.log``.) Fewer copies if memory is short."""
+    dev = q.weight.device
+    l2 = (getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+          if dev.type == "cuda" else 50 << 20)
+    size = q.weight.numel() * q.weight.element_size() + q.absmax.numel() * q.absmax.element_size()
+    reps = [q]
+    try:
+        for _ in range(min(most, _cdiv(int(l2 * l2_multiple), size)) - 1):
+            r = copy.copy(q)
+            r.weight, r.absmax = q.weight.clone(), q.absmax.clone()
+            reps.append(r)
+    except torch.OutOfMemoryError:
+        pass
+    return reps
+
+
+def _mma_candidates(M: int, N: int, K: int, device, split_k: Optional[int]) -> list:
+    """(tile, split_k) pairs the tuner times: every tile of MMA_CONFIGS whose K chunk divides K,
+    with its ``per_sm`` split-K sizing and, where that splits, also unsplit (on the H200 one
+    split was up to 1.5x faster on 4096x4096 and 4096x14336 at M = 1, the sizing on others)."""
+    out = []
+    for c in MMA_CONFIGS:
+        if K % (_MMA_STEP * c.warps * c.unroll):
+            continue
+        out.append((c, split_k))
+        if split_k is None and _mma_splits(c, M, N, K, device)[0] > 1:
+            out.append((c, 1))
+    return out
+
+
 def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
-    """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the
-    fastest of MMA_CONFIGS whose K chunk (64 x warps x unroll) divides K (timed once per key;
+    """Launch ``_mm4_mma_kernel`` with ``config`` (``MmaTile`` fields) or the fastest
+    (tile, split-K) of ``_mma_candidates`` (timed once per key on rotated copies of the weight;
     PEFTLAB_GEMV_TUNE=0 takes the first, untimed). ``check``: validate x and the weight (the
     default dispatch has already)."""
     if config is not None:
@@ -494,9 +532,9 @@ def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
     x32 = x.view(torch.int32)
     bias_t = bias.contiguous() if bias is not None else out
 
-    def launch(cfg):
+    def launch(cfg, split, q=q):
         warps, unroll, _, lut = MmaTile(*cfg)
-        s, per = _mma_splits(cfg, M, N, K, x.device, split_k)
+        s, per = _mma_splits(cfg, M, N, K, x.device, split)
         tiles = _cdiv(N, 16)
         _mm4_mma_kernel[(tiles * s,)](
             x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
@@ -509,25 +547,43 @@ def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
     if config is None:
         key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device),
                split_k)
-        config = _MMA_BEST.get(key)
-        if config is None:
-            cands = [c for c in MMA_CONFIGS if K % (_MMA_STEP * c[0] * c[1]) == 0]
+        pick = _MMA_BEST.get(key)
+        if pick is None:
+            cands = _mma_candidates(M, N, K, x.device, split_k)
             if (os.environ.get("PEFTLAB_GEMV_TUNE", "1") == "0"
                     or x.is_cuda and torch.cuda.is_current_stream_capturing()):
-                config = cands[0]           # no timing (or inside a user's graph capture)
+                pick = cands[0]             # no timing (or inside a user's graph capture)
             else:                           # GPU time from graph replays, not launch cost
-                config, MMA_TIMES[key] = fastest(
-                    cands, lambda c: tuning.graph_ms(lambda: launch(c)), "matmul_4bit mma")
-                _MMA_BEST[key] = config
+                reps = _cold_copies(q)
+                turn = itertools.count()
+
+                def rotated(c):             # each replayed call reads the next weight copy
+                    return launch(*c, reps[next(turn) % len(reps)])
+                pick, MMA_TIMES[key] = fastest(
+                    cands, lambda c: tuning.graph_ms(lambda: rotated(c), calls=max(10, len(reps))),
+                    "matmul_4bit mma")
+                _MMA_BEST[key] = pick
+                del reps
+        config, split_k = pick
     elif K % (_MMA_STEP * config[0] * config[1]):
         raise QuantError(f"matmul_4bit: mma tile {config} takes K in chunks of "
                          f"{_MMA_STEP} x {config[0]} warps x {config[1]} steps, which do not "
                          f"divide K = {K}")
-    launch(config)
+    launch(config, split_k)
 
 
 def mma_choice(M: int, N: int, K: int) -> Optional[tuple]:
-    """(tile, [(tile, ms) of every candidate]) of the mma kernel for this shape, or None."""
+    """((tile, split_k), [((tile, split_k), ms) of every candidate]) of the mma kernel for this
+    shape (split_k None: the tile's own sizing), or None."""
     mb = _m_bucket(M)
     return next(((v, MMA_TIMES.get(k, [])) for k, v in _MMA_BEST.items()
                  if k[:3] == (mb, N, K)), None)
+
+
+def mma_describe(pick) -> str:
+    """A (tile, split_k) pick as text: ``w4 u2 p4 split auto`` (``+lut`` for the table decoder)."""
+    if not isinstance(pick, tuple) or len(pick) != 2:
+        return str(pick)
+    tile, split = MmaTile(*pick[0]), pick[1]
+    return (f"w{tile.warps} u{tile.unroll} p{tile.per_sm}{'+lut' if tile.lut else ''} "
+            f"split {split or 'auto'}")

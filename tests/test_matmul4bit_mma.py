@@ -92,7 +92,7 @@ def test_mma_path_is_cuda_only_and_refuses_what_it_cannot_run():
     with pytest.raises(QuantError, match="decodes with PRMT"):
         mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), decoder="table", **raw(state))
     with pytest.raises(QuantError, match="is not \\(warps, unroll"):
-        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8, False, 5), **raw(state))
+        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8, False, True, 5), **raw(state))
     with pytest.raises(QuantError, match="split_k must be a positive int"):
         mm.matmul4bit_forward(*args, split_k=0, **raw(state))
     p96, s96, _ = make(8, 96, bs=32)
@@ -200,8 +200,9 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
 
     monkeypatch.setattr(mk, "_mm4_mma_kernel", Recorder())
     monkeypatch.setattr(mk, "_mma_device_unfit", lambda x: None)
-    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn, calls=10: (fn(), 1.0)[1])
     monkeypatch.setattr(mk, "_MMA_BEST", {})
+    monkeypatch.setenv("PEFTLAB_GEMV_TUNE", "1")       # conftest turns tuning off on CUDA hosts
     packed, state, _ = make(1000, 4096, bs=128)
     q = mm._Quant(packed, state.code, state.absmax, 1000, 4096, 128, state.absmax2, state.code2,
                   state.offset, 256)
@@ -215,5 +216,16 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
         assert args["PER"] == per and kw["UNROLL"] == tile.unroll and kw["WARPS"] == tile.warps
         assert kw["NCOL"] == 2 and kw["BS_SHIFT"] == 4 and kw["BS2_SHIFT"] == 8     # 128 / 8
     mk._mma(x, q, None, out, 9, 1000, 4096, None, None)             # tuned: every tile tried
-    assert len(launches) == 2 * len(mk.MMA_CONFIGS) + 1                # + each trial, the pick
+    cands = mk._mma_candidates(9, 1000, 4096, x.device, None)
+    assert len(cands) > len(mk.MMA_CONFIGS)                          # some split, also unsplit
+    assert len(launches) == len(mk.MMA_CONFIGS) + len(cands) + 1      # + each trial, the pick
+    trials = launches[len(mk.MMA_CONFIGS):-1]
+    for (tile, split), (grid, args, kw) in zip(cands, trials):
+        s, _ = mk._mma_splits(tile, 9, 1000, 4096, x.device, split)
+        assert grid == (63 * s,) and kw["WARPS"] == tile.warps and (split != 1 or s == 1)
+    # the trials read rotated copies of the weight (cold in L2 when timed), equal to it
+    trial_w = [a["w_ptr"] for _, a, _ in trials]
+    assert len({w.data_ptr() for w in trial_w}) == len(trial_w)
+    assert all(torch.equal(w, q.weight) for w in trial_w)
+    assert launches[-1][1]["w_ptr"] is q.weight
     assert len(mk._MMA_BEST) == 1
