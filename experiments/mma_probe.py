@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--sweep", action="store_true", help="every tile x pinned split-K")
+    p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12],
+                   help="the sweep's split-K values (0: the tile's own sizing)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
     fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)
     print(f"correctness: {fails} failing case(s)")
     if args.sweep:
-        sweep(mm, mk, quantize_4bit, dequantize_4bit_reference)
+        sweep(mm, mk, quantize_4bit, dequantize_4bit_reference,
+              tuple(s or None for s in args.splits))
     if not args.no_speed:
         speed(mm, mk, quantize_4bit)
     return 1 if fails else 0
