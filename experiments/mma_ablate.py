@@ -8,6 +8,8 @@ Runs the kernel with its per-step work (``_compute_step``) replaced, in a fresh 
     nomma    decode + absmax, the four MMAs replaced by folding the decoded pairs into C
     noabs    decode + MMAs, C added unscaled (no absmax decode: no code2 gather, no FMAs)
     loads    only the loads (words, x, absmax codes, absmax2), folded into one integer
+    words    only the weight words (the compiler drops the unused x and absmax loads)
+    wabs     the weight words and the absmax codes and absmax2 (no x)
 
 The outputs are garbage except in ``full``; only the times matter. What each mode costs
 relative to ``loads`` is what its work adds to the memory traffic.
@@ -47,6 +49,26 @@ def _loads(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
            NESTED: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr, LUT: tl.constexpr):
     v = _fold(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7) ^ ra_g ^ ra_h
+    return acc0 + v.to(tl.float32) + s2_g + s2_h, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _words(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
+           y0, y1, y2, y3, y4, y5, y6, y7, ra_g, ra_h, s2_g, s2_h,
+           code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7,
+           acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+           NESTED: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr, LUT: tl.constexpr):
+    v = gw0 ^ gw1 ^ hw0 ^ hw1
+    return acc0 + v.to(tl.float32), acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _wabs(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
+          y0, y1, y2, y3, y4, y5, y6, y7, ra_g, ra_h, s2_g, s2_h,
+          code2_ptr, off, t0, t1, t2, t3, t4, t5, t6, t7,
+          acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
+          NESTED: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr, LUT: tl.constexpr):
+    v = gw0 ^ gw1 ^ hw0 ^ hw1 ^ ra_g ^ ra_h
     return acc0 + v.to(tl.float32) + s2_g + s2_h, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
@@ -96,6 +118,10 @@ def one_mode(mode: str, tile) -> None:
     from peftlab.quant import quantize_4bit
     if mode == "loads":
         mk._compute_step = _loads
+    elif mode == "words":
+        mk._compute_step = _words
+    elif mode == "wabs":
+        mk._compute_step = _wabs
     elif mode == "nomma":
         mk._compute_step = _nomma
     elif mode == "noabs":
