@@ -104,8 +104,8 @@ def replicas(footprint_bytes: int, cuda: bool) -> int:
     """Input replicas per timed unit: together about 3x the L2 cache (at least 2, at most 32)."""
     if not cuda:
         return 1
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    return max(2, min(32, -(-3 * l2 // max(1, footprint_bytes))))
+    from peftlab.kernels.tuning import l2_copies
+    return l2_copies(footprint_bytes, "cuda:0", 3, 2, 32)
 
 
 def rotated(fn: Callable[[int], object], reps: int, cuda: bool) -> float:

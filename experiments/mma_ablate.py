@@ -11,7 +11,8 @@ Runs the kernel with its per-step work (``_compute_step``) replaced, in a fresh 
     words    only the weight words (the compiler drops the unused x and absmax loads)
     wabs     the weight words and the absmax codes and absmax2 (no x)
 
-The outputs are garbage except in ``full``; only the times matter. What each mode costs
+The outputs are garbage except in ``full``; only the times matter. The weights are NF4 with
+double quantization (the stand-ins fold the uint8 absmax codes as integers). What each mode costs
 relative to ``loads`` is what its work adds to the memory traffic.
 
     python experiments/mma_ablate.py [--tile 4 2 4 0] [--modes full nomma noabs loads]
@@ -19,7 +20,6 @@ relative to ``loads`` is what its work adds to the memory traffic.
 from __future__ import annotations
 
 import argparse
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -111,27 +111,23 @@ def _noabs(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
     return acc0 + d0 + r, acc1 + d1, acc2 + d2, acc3 + d3, acc4, acc5, acc6, acc7
 
 
+STAND_INS = {"loads": _loads, "words": _words, "wabs": _wabs, "nomma": _nomma,
+             "noabs": _noabs}
+MODES = ["full"] + list(STAND_INS)
+
+
 def one_mode(mode: str, tile) -> None:
-    from bench_quant import nbytes, replicas, timed
+    from bench_quant import nbytes, timed
+    from mma_probe import rotated_weights
     from peftlab.kernels import matmul4bit as mm
     from peftlab.kernels import matmul4bit_mma as mk
     from peftlab.quant import quantize_4bit
-    if mode == "loads":
-        mk._compute_step = _loads
-    elif mode == "words":
-        mk._compute_step = _words
-    elif mode == "wabs":
-        mk._compute_step = _wabs
-    elif mode == "nomma":
-        mk._compute_step = _nomma
-    elif mode == "noabs":
-        mk._compute_step = _noabs
+    if mode != "full":
+        mk._compute_step = STAND_INS[mode]
     for N, K in SHAPES:
-        torch.manual_seed(0)
-        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
-        packed, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
-        R = replicas(nbytes(packed), True)
-        reps = [(packed, st)] + [copy.deepcopy((packed, st)) for _ in range(R - 1)]
+        reps = [r[1:] for r in rotated_weights(quantize_4bit, N, K)]
+        R = len(reps)
+        packed, st = reps[0]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
 
         def f(r):
@@ -148,8 +144,9 @@ def one_mode(mode: str, tile) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tile", type=int, nargs="+", default=[4, 2, 4, 0])
-    p.add_argument("--modes", nargs="+", default=["full", "nomma", "noabs", "loads"])
-    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", default=["full", "nomma", "noabs", "loads"],
+                   choices=MODES)
+    p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")

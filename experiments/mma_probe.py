@@ -8,7 +8,11 @@
    ``F.linear``, the mma kernel (tuned; every candidate's time printed), and the ``tl.dot``
    split-K kernel it replaces (MMA_MAX_M = 0), at M = 1 and 16 on the five Llama shapes.
 
-    python experiments/mma_probe.py [--no-speed]
+3. ``--sweep``: every tile x pinned split-K (``--splits``, 0 = the tile's own sizing) at M = 1
+   and 16 on the five shapes, rotated inputs, next to the tuner's pick (session 17's sweeps:
+   ``results/logs/h200_mma_sweep_s17*.log``).
+
+    python experiments/mma_probe.py [--no-check] [--no-speed] [--sweep [--splits 0 1 2 ...]]
 """
 from __future__ import annotations
 
@@ -33,6 +37,16 @@ def _raw(state):
                 blocksize2=state.blocksize2 or 256)
 
 
+def rotated_weights(quantize, N: int, K: int):
+    """A Gaussian bf16 weight [N, K] (seed 0) and its NF4 + double-quant replicas, together about
+    3x the L2 (``bench_quant.replicas``): [(w, packed, state), ...]."""
+    torch.manual_seed(0)
+    w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+    packed, st = quantize(w, blocksize=64, quant_type="nf4", double_quant=True)
+    R = replicas(nbytes(packed), True)
+    return [(w, packed, st)] + [copy.deepcopy((w, packed, st)) for _ in range(R - 1)]
+
+
 def check(mm, mk, quantize, deq_ref) -> int:
     """Print one line per case; return the number of failures."""
     fails = 0
@@ -54,7 +68,7 @@ def check(mm, mk, quantize, deq_ref) -> int:
         x = torch.randn(M, K, device="cuda", dtype=dt)
         bias = torch.randn(N, device="cuda", dtype=dt) if has_bias else None
         ref = x.double() @ W.T + (0 if bias is None else bias.double())
-        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0]
         errs = []
         for cfg in cfgs:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -77,11 +91,8 @@ def speed(mm, mk, quantize) -> None:
     print(f"{'shape':>12} {'M':>3} {'bf16 us':>8} {'mma us':>8} {'dot us':>8} "
           f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, weight copies rotated)")
     for N, K in SHAPES:
-        torch.manual_seed(0)
-        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
-        packed, st = quantize(w, blocksize=64, quant_type="nf4", double_quant=True)
-        R = replicas(nbytes(packed), True)
-        reps = [(w, packed, st)] + [copy.deepcopy((w, packed, st)) for _ in range(R - 1)]
+        reps = rotated_weights(quantize, N, K)
+        R = len(reps)
         for M in (1, 16):
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
 
@@ -116,20 +127,19 @@ def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
     tiles = list(mk.MMA_CONFIGS)
     print(f"sweep: us per call, graph replays, rotated; {sms} SMs; columns = split_k {splits}")
     for N, K in SHAPES:
-        torch.manual_seed(0)
-        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
-        packed, st = quantize(w, blocksize=64, quant_type="nf4", double_quant=True)
-        R = replicas(nbytes(packed), True)
-        reps = [(packed, st)] + [copy.deepcopy((packed, st)) for _ in range(R - 1)]
+        reps = [r[1:] for r in rotated_weights(quantize, N, K)]
+        R = len(reps)
+        packed, st = reps[0]
         for M in (1, 16):
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
             ref = xs[0].double() @ deq_ref(packed, st, torch.float32).double().T
             best = mm.matmul_4bit  # the tuner's pick (its timing rotates weight copies)
             t_auto, _ = timed(lambda r: best(xs[r], reps[r][0], reps[r][1]), True, R)
+            pick = mk.mma_choice(M, N, K)
             print(f"{N:>6}x{K:<6} M={M:<2} tuned {t_auto * 1e3:6.1f} "
-                  f"{mk.mma_describe(mk.mma_choice(M, N, K)[0])}", flush=True)
+                  f"{mk.mma_describe(pick[0]) if pick else '(untuned)'}", flush=True)
             for tile in tiles:
-                if K % (64 * tile[0] * tile[1]):
+                if K % tile.chunk():
                     continue
                 row = []
                 for s in splits:

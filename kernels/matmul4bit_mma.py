@@ -48,15 +48,18 @@ prmt, an address and an LDS: 8 ALU instructions per word, against 19 of the PRMT
 21). Both give identical results; on the H200 the table was slower on every shape (it costs
 occupancy and a fill per program), so it is a pinnable option only.
 
-Measured (H200, ``results/h200_kernels.md``): 1.36-1.66x bf16 ``F.linear`` at M = 1 and
-1.09-1.25x at M = 16 on Llama shapes (the ``tl.dot`` kernel: 0.8-0.95x); Nsight Compute shows
+Measured (H200, ``results/h200_kernels.md``): 1.40-1.59x bf16 ``F.linear`` at M = 1 and
+1.06-1.29x at M = 16 on Llama shapes (the ``tl.dot`` kernel: 0.8-0.95x); Nsight Compute shows
 neither DRAM (28 % of peak) nor the ALU saturated, with 3.6 warps per scheduler: latency-bound.
+With decode and MMA cut out (``experiments/mma_ablate.py``) the weight loads alone reach only
+2.6-2.9 TB/s on 28672x8192: 8 bytes per lane from 16 rows touch 16 cache lines per 512 bytes.
 
 Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0, blocksize % 64 == 0 (a K step
 inside one block) and a power-of-two nested blocksize; ``matmul4bit.py`` falls back to the
 ``tl.dot`` kernel otherwise. The host side (eligibility ``_mma_unfit``, split-K sizing
-``_mma_splits``, tile choice over ``MMA_CONFIGS`` and the launch ``_mma``) is at the end of this
-file; shared helpers in ``matmul4bit_common.py``.
+``_mma_splits``, the tuner's (tile, split-K) candidates ``_mma_candidates`` timed on rotated
+weight copies ``_cold_copies``, and the launch ``_mma``) is at the end of this file; shared
+helpers in ``matmul4bit_common.py``.
 """
 from __future__ import annotations
 
@@ -396,6 +399,10 @@ class MmaTile(NamedTuple):
     per_sm: int
     lut: bool = False
 
+    def chunk(self) -> int:
+        """K codes a program consumes per loop iteration: a K split is a multiple of it."""
+        return _MMA_STEP * self.warps * self.unroll
+
 
 # The tuner's tiles (each with its split-K sizing and unsplit, ``_mma_candidates``); the fastest
 # per (M bucket, N, K, blocksize, nesting, dtype, bias, split_k) is picked by timing CUDA-graph
@@ -464,8 +471,8 @@ def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = No
     unroll per split, no empty split; ``split_k`` asks for that many (fewer if K has fewer
     chunks), else about ``per_sm`` programs per SM with partials at most the packed weight's K/2
     bytes a row."""
-    warps, unroll, per_sm = cfg[:3]
-    chunk = _MMA_STEP * unroll * warps
+    cfg = MmaTile(*cfg)
+    chunk, per_sm = cfg.chunk(), cfg.per_sm
     units = K // chunk
     if split_k:
         s = split_k
@@ -478,17 +485,15 @@ def _mma_splits(cfg, M: int, N: int, K: int, device, split_k: Optional[int] = No
 
 def _cold_copies(q, l2_multiple: float = 2.5, most: int = 16) -> list:
     """``q`` and copies of its packed weight and absmax, together about ``l2_multiple`` x the L2
-    (at most ``most``), for timing tiles the way a decoding model meets its weights: in DRAM,
-    every other layer having passed through L2 since. (Replays of calls on one weight that fits
-    in L2 time partly cached reads and picked tiles up to 15 % slower than the best cold one on
-    the H200: ``results/logs/h200_mma_sweep_s17.log``.) Fewer copies if memory is short."""
-    dev = q.weight.device
-    l2 = (getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
-          if dev.type == "cuda" else 50 << 20)
+    (at most ``most``), so that tiles are timed the way ``bench_kernels`` measures them and a
+    decoding model meets its weights: in DRAM, every other layer having passed through L2 since
+    (replays on one weight under ~50 MB read it partly from L2). Fewer copies if memory is
+    short. The small nested tables (absmax2, code2, offset) are shared; without double
+    quantization the kernel does not read them."""
     size = q.weight.numel() * q.weight.element_size() + q.absmax.numel() * q.absmax.element_size()
     reps = [q]
     try:
-        for _ in range(min(most, _cdiv(int(l2 * l2_multiple), size)) - 1):
+        for _ in range(tuning.l2_copies(size, q.weight.device, l2_multiple, 1, most) - 1):
             r = copy.copy(q)
             r.weight, r.absmax = q.weight.clone(), q.absmax.clone()
             reps.append(r)
@@ -499,11 +504,12 @@ def _cold_copies(q, l2_multiple: float = 2.5, most: int = 16) -> list:
 
 def _mma_candidates(M: int, N: int, K: int, device, split_k: Optional[int]) -> list:
     """(tile, split_k) pairs the tuner times: every tile of MMA_CONFIGS whose K chunk divides K,
-    with its ``per_sm`` split-K sizing and, where that splits, also unsplit (on the H200 one
-    split was up to 1.5x faster on 4096x4096 and 4096x14336 at M = 1, the sizing on others)."""
+    with its ``per_sm`` split-K sizing and, where that splits, also unsplit (on the H200 unsplit
+    was up to 1.5x faster on 4096x4096 and 4096x14336 at M = 1, the sizing on others:
+    ``results/logs/h200_mma_sweep_s17.log``)."""
     out = []
     for c in MMA_CONFIGS:
-        if K % (_MMA_STEP * c.warps * c.unroll):
+        if K % c.chunk():
             continue
         out.append((c, split_k))
         if split_k is None and _mma_splits(c, M, N, K, device)[0] > 1:
@@ -565,19 +571,21 @@ def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
                 _MMA_BEST[key] = pick
                 del reps
         config, split_k = pick
-    elif K % (_MMA_STEP * config[0] * config[1]):
+    elif K % config.chunk():
         raise QuantError(f"matmul_4bit: mma tile {config} takes K in chunks of "
-                         f"{_MMA_STEP} x {config[0]} warps x {config[1]} steps, which do not "
-                         f"divide K = {K}")
+                         f"{_MMA_STEP} x {config.warps} warps x {config.unroll} steps, which do "
+                         f"not divide K = {K}")
     launch(config, split_k)
 
 
-def mma_choice(M: int, N: int, K: int) -> Optional[tuple]:
-    """((tile, split_k), [((tile, split_k), ms) of every candidate]) of the mma kernel for this
-    shape (split_k None: the tile's own sizing), or None."""
+def mma_choice(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, bias: bool = False,
+               split_k: Optional[int] = None) -> Optional[tuple]:
+    """((tile, split_k), [((tile, split_k), ms) of every candidate]) that the tuner picked for
+    this shape, x dtype, bias and pinned split_k (None: the tile's own sizing or unsplit), or
+    None if it has not run for them."""
     mb = _m_bucket(M)
     return next(((v, MMA_TIMES.get(k, [])) for k, v in _MMA_BEST.items()
-                 if k[:3] == (mb, N, K)), None)
+                 if k[:3] == (mb, N, K) and k[5:7] == (dtype, bias) and k[-1] == split_k), None)
 
 
 def mma_describe(pick) -> str:

@@ -46,6 +46,17 @@ def fastest(candidates: Sequence[T], time_fn: Callable[[T], float], what: str,
     return best, times
 
 
+def l2_copies(footprint_bytes: int, device, multiple: float, least: int, most: int) -> int:
+    """How many copies of a kernel's inputs (``footprint_bytes`` each) together cover about
+    ``multiple`` x the L2 cache of ``device`` (50 MB off CUDA), clamped to [least, most]: timing
+    calls that rotate through them read their inputs from DRAM, as in a model where other layers
+    pass through L2 between two uses of a weight."""
+    dev = torch.device(device)
+    l2 = (getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+          if dev.type == "cuda" else 50 << 20)
+    return max(least, min(most, -(-int(multiple * l2) // max(1, footprint_bytes))))
+
+
 def graph_ms(fn: Callable[[], object], calls: int = 10) -> float:
     """GPU milliseconds per call of ``fn`` from CUDA-graph replays of ``calls`` calls: no host
     launch cost, which for a kernel of a few microseconds would otherwise be all that

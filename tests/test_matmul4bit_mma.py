@@ -34,9 +34,9 @@ def test_mma_ptx_chains_four_mmas_from_zero():
 @pytest.mark.parametrize("cfg,M,N,K", [
     (cfg, M, N, K) for cfg in mk.MMA_CONFIGS
     for M, N, K in [(1, 4096, 4096), (16, 28672, 8192), (3, 100, 1024), (1, 64, 16384)]
-    if K % (64 * cfg[0] * cfg[1]) == 0])          # the tuner offers only these
+    if K % cfg.chunk() == 0])                       # the tuner offers only these
 def test_mma_splits_cover_k_in_whole_chunks(cfg, M, N, K):
-    chunk = 64 * cfg[0] * cfg[1]
+    chunk = cfg.chunk()
     s, per = mk._mma_splits(cfg, M, N, K, torch.device("cpu"))
     assert per % chunk == 0 and 1 <= s <= mm.MAX_SPLIT
     assert s * per >= K and (s - 1) * per < K                    # all of K, no empty split
@@ -92,7 +92,7 @@ def test_mma_path_is_cuda_only_and_refuses_what_it_cannot_run():
     with pytest.raises(QuantError, match="decodes with PRMT"):
         mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8), decoder="table", **raw(state))
     with pytest.raises(QuantError, match="is not \\(warps, unroll"):
-        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8, False, True, 5), **raw(state))
+        mm.matmul4bit_forward(*args, config=("mma", 4, 1, 8, False, 5), **raw(state))
     with pytest.raises(QuantError, match="split_k must be a positive int"):
         mm.matmul4bit_forward(*args, split_k=0, **raw(state))
     p96, s96, _ = make(8, 96, bs=32)
@@ -121,7 +121,7 @@ def test_mma_kernel_matches_float64_oracle_for_every_tile(M, N, K, bs, qt, dq, d
     x = torch.randn(M, K, device=DEV).to(dtype)
     bias = torch.randn(N, device=DEV).to(dtype) if has_bias else None
     ref = x.double().cpu() @ W.T + (bias.double().cpu() if has_bias else 0)
-    tiles = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % (64 * c[0] * c[1]) == 0]
+    tiles = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0]
     for cfg in tiles:
         out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
         y = mm.matmul4bit_forward(x, packed, state.code, state.absmax, N, K, bs, bias=bias,
@@ -200,8 +200,11 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
 
     monkeypatch.setattr(mk, "_mm4_mma_kernel", Recorder())
     monkeypatch.setattr(mk, "_mma_device_unfit", lambda x: None)
-    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn, calls=10: (fn(), 1.0)[1])
+    # the stubbed timing makes the last candidate win (an unsplit one, see below)
+    ms = iter(range(100, 0, -1))
+    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn, calls=10: (fn(), next(ms) / 1e3)[1])
     monkeypatch.setattr(mk, "_MMA_BEST", {})
+    monkeypatch.setattr(mk, "MMA_TIMES", {})
     monkeypatch.setenv("PEFTLAB_GEMV_TUNE", "1")       # conftest turns tuning off on CUDA hosts
     packed, state, _ = make(1000, 4096, bs=128)
     q = mm._Quant(packed, state.code, state.absmax, 1000, 4096, 128, state.absmax2, state.code2,
@@ -215,17 +218,36 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
         assert grid == (63 * s,) and args["TILES"] == 63 and args["N_SPLIT"] == s
         assert args["PER"] == per and kw["UNROLL"] == tile.unroll and kw["WARPS"] == tile.warps
         assert kw["NCOL"] == 2 and kw["BS_SHIFT"] == 4 and kw["BS2_SHIFT"] == 8     # 128 / 8
-    mk._mma(x, q, None, out, 9, 1000, 4096, None, None)             # tuned: every tile tried
+    n0 = len(launches)
+    mk._mma(x, q, None, out, 9, 1000, 4096, None, None)        # tuned: (tile, split) candidates
     cands = mk._mma_candidates(9, 1000, 4096, x.device, None)
     assert len(cands) > len(mk.MMA_CONFIGS)                          # some split, also unsplit
-    assert len(launches) == len(mk.MMA_CONFIGS) + len(cands) + 1      # + each trial, the pick
-    trials = launches[len(mk.MMA_CONFIGS):-1]
+    assert len(launches) == n0 + len(cands) + 1                       # each trial, the pick
+    trials = launches[n0:-1]
     for (tile, split), (grid, args, kw) in zip(cands, trials):
         s, _ = mk._mma_splits(tile, 9, 1000, 4096, x.device, split)
         assert grid == (63 * s,) and kw["WARPS"] == tile.warps and (split != 1 or s == 1)
-    # the trials read rotated copies of the weight (cold in L2 when timed), equal to it
-    trial_w = [a["w_ptr"] for _, a, _ in trials]
-    assert len({w.data_ptr() for w in trial_w}) == len(trial_w)
-    assert all(torch.equal(w, q.weight) for w in trial_w)
-    assert launches[-1][1]["w_ptr"] is q.weight
-    assert len(mk._MMA_BEST) == 1
+    # the trials read rotated copies of the weight and its absmax (cold in L2 when timed)
+    for name, orig in (("w_ptr", q.weight), ("am_ptr", q.absmax)):
+        seen = [a[name] for _, a, _ in trials]
+        assert len({t.data_ptr() for t in seen}) == len(seen)
+        assert all(torch.equal(t, orig) for t in seen)
+        assert launches[-1][1][name] is orig
+    # the pick (the last candidate, unsplit) is what runs, is cached, and is reported
+    best_tile, best_split = cands[-1]
+    assert best_split == 1 and mk._mma_splits(best_tile, 9, 1000, 4096, x.device)[0] > 1
+    grid, args, kw = launches[-1]
+    assert grid == (63,) and args["N_SPLIT"] == 1 and kw["WARPS"] == best_tile.warps
+    assert mk.mma_choice(9, 1000, 4096)[0] == (best_tile, 1)
+    assert mk.mma_choice(9, 1000, 4096, split_k=3) is None
+    mk._mma(x, q, None, out, 9, 1000, 4096, None, None)             # cached: no new trials
+    assert len(launches) == n0 + len(cands) + 2 and launches[-1][0] == (63,)
+    # a pinned split_k is its own key, and every trial carries it
+    n1 = len(launches)
+    mk._mma(x, q, None, out, 9, 1000, 4096, None, 3)
+    pinned = launches[n1:]
+    assert len(pinned) == len(mk._mma_candidates(9, 1000, 4096, x.device, 3)) + 1
+    want = [mk._mma_splits((kw["WARPS"], kw["UNROLL"], 1), 9, 1000, 4096, x.device, 3)[0]
+            for _, _, kw in pinned]
+    assert [a["N_SPLIT"] for _, a, _ in pinned] == want and 3 in want
+    assert len(mk._MMA_BEST) == 2 and mk.mma_choice(9, 1000, 4096, split_k=3) is not None
