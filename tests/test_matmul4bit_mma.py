@@ -200,9 +200,12 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
 
     monkeypatch.setattr(mk, "_mm4_mma_kernel", Recorder())
     monkeypatch.setattr(mk, "_mma_device_unfit", lambda x: None)
-    # the stubbed timing makes the last candidate win (an unsplit one, see below)
-    ms = iter(range(100, 0, -1))
-    monkeypatch.setattr(mk.tuning, "graph_ms", lambda fn, calls=10: (fn(), next(ms) / 1e3)[1])
+    # the stubbed timing makes the first unsplit alternative win (trials run in candidate order)
+    cands = mk._mma_candidates(9, 1000, 4096, torch.device("cpu"), None)
+    win = next(i for i, (_, split) in enumerate(cands) if split == 1)
+    trial = iter(range(10 * len(cands)))
+    monkeypatch.setattr(mk.tuning, "graph_ms",
+                        lambda fn, calls=10: (fn(), 0.5 if next(trial) == win else 1.0)[1])
     monkeypatch.setattr(mk, "_MMA_BEST", {})
     monkeypatch.setattr(mk, "MMA_TIMES", {})
     monkeypatch.setenv("PEFTLAB_GEMV_TUNE", "1")       # conftest turns tuning off on CUDA hosts
@@ -220,7 +223,6 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
         assert kw["NCOL"] == 2 and kw["BS_SHIFT"] == 4 and kw["BS2_SHIFT"] == 8     # 128 / 8
     n0 = len(launches)
     mk._mma(x, q, None, out, 9, 1000, 4096, None, None)        # tuned: (tile, split) candidates
-    cands = mk._mma_candidates(9, 1000, 4096, x.device, None)
     assert len(cands) > len(mk.MMA_CONFIGS)                          # some split, also unsplit
     assert len(launches) == n0 + len(cands) + 1                       # each trial, the pick
     trials = launches[n0:-1]
@@ -233,8 +235,8 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
         assert len({t.data_ptr() for t in seen}) == len(seen)
         assert all(torch.equal(t, orig) for t in seen)
         assert launches[-1][1][name] is orig
-    # the pick (the last candidate, unsplit) is what runs, is cached, and is reported
-    best_tile, best_split = cands[-1]
+    # the pick (an unsplit alternative) is what runs, is cached, and is reported
+    best_tile, best_split = cands[win]
     assert best_split == 1 and mk._mma_splits(best_tile, 9, 1000, 4096, x.device)[0] > 1
     grid, args, kw = launches[-1]
     assert grid == (63,) and args["N_SPLIT"] == 1 and kw["WARPS"] == best_tile.warps
