@@ -356,11 +356,8 @@ def main(argv=None) -> int:
         return Matmul4bitFunction.apply(x, packed, state, None, "triton", decoder)
 
     def dot_only(x, packed, state):     # the tl.dot kernel where the mma one would run
-        keep, mm.MMA_MAX_M = mm.MMA_MAX_M, 0
-        try:
+        with mm.mma_off():
             return ours(x, packed, state)
-        finally:
-            mm.MMA_MAX_M = keep
 
     ops = dict(mm=mm, mma=matmul4bit_mma, matmul_4bit=ours, dot_only=dot_only,
                dequantize=dequantize,

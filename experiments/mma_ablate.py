@@ -42,6 +42,8 @@ def _fold(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7):
     return gw0 ^ gw1 ^ hw0 ^ hw1 ^ x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7
 
 
+# The stand-ins repeat ``_compute_step``'s parameter list on purpose: the kernel calls them with
+# the same positional arguments.
 @triton.jit
 def _loads(gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7,
            y0, y1, y2, y3, y4, y5, y6, y7, ra_g, ra_h, s2_g, s2_h,

@@ -6,7 +6,7 @@
    with and without double quantization and bias; blocksize 64 and 128; a pinned split-K.
 2. Speed (CUDA graphs, inputs rotated through ~3x L2, as bench_kernels.py): torch bf16
    ``F.linear``, the mma kernel (tuned; every candidate's time printed), and the ``tl.dot``
-   split-K kernel it replaces (MMA_MAX_M = 0), at M = 1 and 16 on the five Llama shapes.
+   split-K kernel it replaces (``matmul4bit.mma_off``), at M = 1 and 16 on the five Llama shapes.
 
 3. ``--sweep``: every tile x pinned split-K (``--splits``, 0 = the tile's own sizing) at M = 1
    and 16 on the five shapes, rotated inputs, next to the tuner's pick (session 17's sweeps:
@@ -89,7 +89,8 @@ def check(mm, mk, quantize, deq_ref) -> int:
 
 def speed(mm, mk, quantize) -> None:
     print(f"{'shape':>12} {'M':>3} {'bf16 us':>8} {'mma us':>8} {'dot us':>8} "
-          f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, weight copies rotated)")
+          f"{'mma/bf16':>9} {'dot/bf16':>9}  mma tile; candidates (us, graph replays, "
+          f"weight copies rotated)")
     for N, K in SHAPES:
         reps = rotated_weights(quantize, N, K)
         R = len(reps)
@@ -100,11 +101,8 @@ def speed(mm, mk, quantize) -> None:
                 return mm.matmul_4bit(xs[r], reps[r][1], reps[r][2])
 
             def dot(r):
-                keep, mm.MMA_MAX_M = mm.MMA_MAX_M, 0
-                try:
+                with mm.mma_off():
                     return mm.matmul_4bit(xs[r], reps[r][1], reps[r][2])
-                finally:
-                    mm.MMA_MAX_M = keep
             t_bf, _ = timed(lambda r: F.linear(xs[r], reps[r][0]), True, R)
             t_mma, _ = timed(ours, True, R)
             t_dot, _ = timed(dot, True, R)

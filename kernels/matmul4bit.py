@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -74,6 +75,18 @@ _GEMV_BEST: Dict[Tuple, tuple] = {}
 # (bf16/fp16 x, K % 64 == 0, blocksize % 64 == 0, PRMT decoder verified); 0 turns it off, as does
 # PEFTLAB_4BIT_MMA=0; it never takes more than 16 rows. Its tile: ``matmul4bit_mma.MMA_CONFIGS``.
 MMA_MAX_M = 16
+
+
+@contextmanager
+def mma_off():
+    """Within: calls that would take the mma.sync kernel take the tiled ``tl.dot`` one
+    (benchmarks compare the two; ``MMA_MAX_M`` is restored on exit)."""
+    global MMA_MAX_M
+    keep, MMA_MAX_M = MMA_MAX_M, 0
+    try:
+        yield
+    finally:
+        MMA_MAX_M = keep
 
 
 IMPLS = ("auto", "triton", "reference")

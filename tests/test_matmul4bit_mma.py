@@ -253,3 +253,17 @@ def test_launcher_passes_every_kernel_argument_and_sizes_the_grid(monkeypatch):
             for _, _, kw in pinned]
     assert [a["N_SPLIT"] for _, a, _ in pinned] == want and 3 in want
     assert len(mk._MMA_BEST) == 2 and mk.mma_choice(9, 1000, 4096, split_k=3) is not None
+
+
+def test_mma_off_routes_around_the_mma_kernel_and_restores():
+    keep = mm.MMA_MAX_M
+    with pytest.raises(RuntimeError):
+        with mm.mma_off():
+            assert mm.MMA_MAX_M == 0
+            packed, state, _ = make(64, 256)
+            x = torch.randn(1, 256, device=DEV, dtype=torch.bfloat16)
+            q = mm._Quant(packed, state.code, state.absmax, 64, 256, 64, state.absmax2,
+                          state.code2, state.offset, 256)
+            assert not mm._mma_ok(x, q, 1, "auto")
+            raise RuntimeError("leave the block by an error")
+    assert mm.MMA_MAX_M == keep
