@@ -68,7 +68,8 @@ def check(mm, mk, quantize, deq_ref) -> int:
         x = torch.randn(M, K, device="cuda", dtype=dt)
         bias = torch.randn(N, device="cuda", dtype=dt) if has_bias else None
         ref = x.double() @ W.T + (0 if bias is None else bias.double())
-        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0]
+        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0
+                         and c.shared_bytes(1 if M <= 8 else 2) <= mk._STATIC_SHARED]
         errs = []
         for cfg in cfgs:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -137,7 +138,7 @@ def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
             print(f"{N:>6}x{K:<6} M={M:<2} tuned {t_auto * 1e3:6.1f} "
                   f"{mk.mma_describe(pick[0]) if pick else '(untuned)'}", flush=True)
             for tile in tiles:
-                if K % tile.chunk():
+                if K % tile.chunk() or tile.shared_bytes(1 if M <= 8 else 2) > mk._STATIC_SHARED:
                     continue
                 row = []
                 for s in splits:
@@ -151,7 +152,8 @@ def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
                     err = float((y - ref).norm() / ref.norm())
                     t, _ = timed(f, True, R)
                     row.append(f"{t * 1e3:6.1f}" + ("" if err < 1e-2 else f"!ERR {err:.1e}"))
-                print(f"    {tuple(int(v) for v in tile)} " + " ".join(row), flush=True)
+                print(f"    {mk.mma_describe((tile, None)).rsplit(' split', 1)[0]:<14} "
+                      + " ".join(row), flush=True)
         reps = xs = None
         torch.cuda.empty_cache()
 
@@ -163,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="every tile x pinned split-K")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12],
                    help="the sweep's split-K values (0: the tile's own sizing)")
+    p.add_argument("--extra", nargs="+", default=[], metavar="W,U,P,LUT,STAGES[,RING_X[,REPACK]]",
+                   help="tiles added to MMA_CONFIGS for this run (checked, swept, offered to "
+                        "the tuner), e.g. 4,1,4,0,4")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -170,7 +175,13 @@ def main(argv=None) -> int:
     from peftlab.kernels import matmul4bit as mm
     from peftlab.kernels import matmul4bit_mma as mk
     from peftlab.quant import dequantize_4bit_reference, quantize_4bit
-    print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for spec in args.extra:
+        w, u, per_sm, lut, stages, *rest = (int(v) for v in spec.split(","))
+        rest += [1, 0][len(rest):]
+        mk.MMA_CONFIGS.append(mk.MmaTile(w, u, per_sm, bool(lut), stages, bool(rest[0]),
+                                         bool(rest[1])))
+    print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}  tiles "
+          + " ".join(mk.mma_describe((c, None)).rsplit(" split", 1)[0] for c in mk.MMA_CONFIGS))
     fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)
     print(f"correctness: {fails} failing case(s)")
     if args.sweep:
