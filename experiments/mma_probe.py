@@ -68,8 +68,7 @@ def check(mm, mk, quantize, deq_ref) -> int:
         x = torch.randn(M, K, device="cuda", dtype=dt)
         bias = torch.randn(N, device="cuda", dtype=dt) if has_bias else None
         ref = x.double() @ W.T + (0 if bias is None else bias.double())
-        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0
-                         and c.shared_bytes(1 if M <= 8 else 2) <= mk._STATIC_SHARED]
+        cfgs = [None] + [("mma",) + c for c in mk.MMA_CONFIGS if K % c.chunk() == 0]
         errs = []
         for cfg in cfgs:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -138,7 +137,7 @@ def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
             print(f"{N:>6}x{K:<6} M={M:<2} tuned {t_auto * 1e3:6.1f} "
                   f"{mk.mma_describe(pick[0]) if pick else '(untuned)'}", flush=True)
             for tile in tiles:
-                if K % tile.chunk() or tile.shared_bytes(1 if M <= 8 else 2) > mk._STATIC_SHARED:
+                if K % tile.chunk():
                     continue
                 row = []
                 for s in splits:
@@ -165,9 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="every tile x pinned split-K")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12],
                    help="the sweep's split-K values (0: the tile's own sizing)")
-    p.add_argument("--extra", nargs="+", default=[], metavar="W,U,P,LUT,STAGES[,RING_X[,REPACK]]",
+    p.add_argument("--extra", nargs="+", default=[], metavar="W,U,P[,LUT]",
                    help="tiles added to MMA_CONFIGS for this run (checked, swept, offered to "
-                        "the tuner), e.g. 4,1,4,0,4")
+                        "the tuner), e.g. 8,1,2 or 4,2,4,1")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -176,10 +175,7 @@ def main(argv=None) -> int:
     from peftlab.kernels import matmul4bit_mma as mk
     from peftlab.quant import dequantize_4bit_reference, quantize_4bit
     for spec in args.extra:
-        w, u, per_sm, lut, stages, *rest = (int(v) for v in spec.split(","))
-        rest += [1, 0][len(rest):]
-        mk.MMA_CONFIGS.append(mk.MmaTile(w, u, per_sm, bool(lut), stages, bool(rest[0]),
-                                         bool(rest[1])))
+        mk.MMA_CONFIGS.append(mk.MmaTile(*(int(v) for v in spec.split(","))))
     print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}  tiles "
           + " ".join(mk.mma_describe((c, None)).rsplit(" split", 1)[0] for c in mk.MMA_CONFIGS))
     fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)

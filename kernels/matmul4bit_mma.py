@@ -189,77 +189,15 @@ def _mma_acc(g0, g1, g2, g3, g4, g5, g6, g7, h0, h1, h2, h3, h4, h5, h6, h7,
     return c0 + d0 * a_g, c1 + d1 * a_g, c2 + d2 * a_h, c3 + d3 * a_h
 
 
-# cp.async ring (``MmaTile.stages`` > 0): each lane copies its own step data, global -> shared,
-# without registers: [row g words 8 B | row g+8 words 8 B | x group 0, 32 B | x group 1, 32 B]
-# at ring + (slot * THREADS + tid) * STAGE_B (a lane stride of 48 or 80 bytes keeps a quarter
-# warp's 16-byte reads on distinct banks). Only the lane that copies reads, so the lane's own
-# ``cp.async.wait_group`` is all the synchronisation there is.
-_CP_W = ("cp.async.ca.shared.global [$1], [$2], 8;\n"
-         "cp.async.ca.shared.global [$1+8], [$3], 8;\n"
-         "cp.async.ca.shared.global [$1+16], [$4], 16;\n"
-         "cp.async.ca.shared.global [$1+32], [$4+16], 16;\n")
-_CP1 = tl.constexpr(_CP_W + "cp.async.commit_group;\nmov.u32 $0, 0;")
-_CP2 = tl.constexpr(_CP_W + "cp.async.ca.shared.global [$1+48], [$5], 16;\n"
-                    "cp.async.ca.shared.global [$1+64], [$5+16], 16;\n"
-                    "cp.async.commit_group;\nmov.u32 $0, 0;")
-_CPW = tl.constexpr("cp.async.ca.shared.global [$1], [$2], 8;\n"
-                    "cp.async.ca.shared.global [$1+8], [$3], 8;\n"
-                    "cp.async.commit_group;\nmov.u32 $0, 0;")
-_LDSW = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];")
-_LDS1 = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$12];\n"
-                     "ld.shared.v4.b32 {$4, $5, $6, $7}, [$12+16];\n"
-                     "ld.shared.v4.b32 {$8, $9, $10, $11}, [$12+32];")
-_LDS2 = tl.constexpr("ld.shared.v4.b32 {$0, $1, $2, $3}, [$20];\n"
-                     "ld.shared.v4.b32 {$4, $5, $6, $7}, [$20+16];\n"
-                     "ld.shared.v4.b32 {$8, $9, $10, $11}, [$20+32];\n"
-                     "ld.shared.v4.b32 {$12, $13, $14, $15}, [$20+48];\n"
-                     "ld.shared.v4.b32 {$16, $17, $18, $19}, [$20+64];")
-
-
-def ring_asm(nbytes: int) -> str:
-    """PTX declaring the ring (static shared memory, ``nbytes``) and returning its address."""
-    return ("{\n.shared .align 16 .b8 peftlab_ring[%d];\nmov.u32 $0, peftlab_ring;\n}" % nbytes)
-
-
-def wait_asm(pending: int) -> str:
-    """PTX waiting until at most ``pending`` of this thread's cp.async groups are in flight."""
-    return "cp.async.wait_group %d;\nmov.u32 $0, 0;" % pending
-
-
 @triton.jit
-def _asm_u32(tid, ASM: tl.constexpr):
-    """A side-effecting asm block with one 32-bit result (ring address, wait)."""
-    return tl.inline_asm_elementwise(ASM, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _cp_step(dst, wg, wh, xa, xb, NCOL: tl.constexpr, XRING: tl.constexpr):
-    """Start one step's copies into the lane's slot at shared address ``dst`` (one group; the
-    words only unless XRING)."""
-    if not XRING:
-        return tl.inline_asm_elementwise(_CPW, "=r,r,l,l", [dst, wg.to(tl.int64),
-                                                             wh.to(tl.int64)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-    elif NCOL == 2:
-        return tl.inline_asm_elementwise(
-            _CP2, "=r,r,l,l,l,l", [dst, wg.to(tl.int64), wh.to(tl.int64), xa.to(tl.int64),
-                                   xb.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        return tl.inline_asm_elementwise(
-            _CP1, "=r,r,l,l,l", [dst, wg.to(tl.int64), wh.to(tl.int64), xa.to(tl.int64)],
-            dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _lds_words(src):
-    """A landed words-only slot -> (gw0, gw1, hw0, hw1)."""
-    return tl.inline_asm_elementwise(_LDSW, "=r,=r,=r,=r,r", [src], dtype=(tl.int32,) * 4,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _load_x(xp0, xp1, q, NCOL: tl.constexpr):
-    """The x fragments of the step at word ``q`` (registers): x0..x7, y0..y7 (y = x if NCOL 1)."""
+def _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q,
+               BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
+               NCOL: tl.constexpr):
+    """Everything one K step reads (issued one iteration ahead of its use): the words of rows g
+    and g+8, the x fragments of 1 or 2 column groups (the second = the first when NCOL == 1),
+    and the absmax of both rows (nested: the uint8 code and its block's absmax2)."""
+    gw0, gw1 = _ld2(wg + q)
+    hw0, hw1 = _ld2(wh + q)
     x0, x1, x2, x3 = _ld4(xp0 + 4 * q)
     x4, x5, x6, x7 = _ld4(xp0 + 4 * q + 4)
     if NCOL == 2:
@@ -267,26 +205,6 @@ def _load_x(xp0, xp1, q, NCOL: tl.constexpr):
         y4, y5, y6, y7 = _ld4(xp1 + 4 * q + 4)
     else:
         y0, y1, y2, y3, y4, y5, y6, y7 = x0, x1, x2, x3, x4, x5, x6, x7
-    return x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7
-
-
-@triton.jit
-def _lds_step(src, NCOL: tl.constexpr):
-    """A landed slot -> (gw0, gw1, hw0, hw1, x0..x7, y0..y7) (y = x when NCOL == 1)."""
-    if NCOL == 2:
-        return tl.inline_asm_elementwise(_LDS2, "=r," * 20 + "r", [src],
-                                         dtype=(tl.int32,) * 20, is_pure=False, pack=1)
-    else:
-        gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
-            _LDS1, "=r," * 12 + "r", [src], dtype=(tl.int32,) * 12, is_pure=False, pack=1)
-        return gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7, x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _load_absmax(amg, amh, am2_ptr, bg, bh, q, BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr,
-                 NESTED: tl.constexpr):
-    """The absmax of rows g and g+8 for the step at word ``q`` (nested: the uint8 code and its
-    block's absmax2; else the float32 absmax twice)."""
     kb = q >> BS_SHIFT                            # block in the row: q // (BS / 8), q >= 0
     if NESTED:
         ra_g = tl.load(amg + kb).to(tl.int32)      # uint8 code, widened at the load
@@ -298,24 +216,6 @@ def _load_absmax(amg, amh, am2_ptr, bg, bh, q, BS_SHIFT: tl.constexpr, BS2_SHIFT
         ra_h = tl.load(amh + kb)
         s2_g = ra_g
         s2_h = ra_h
-    return ra_g, ra_h, s2_g, s2_h
-
-
-@triton.jit
-def _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q,
-               BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
-               NCOL: tl.constexpr, REPACK: tl.constexpr = False):
-    """Everything one K step reads (issued one iteration ahead of its use): the words of rows g
-    and g+8, the x fragments of 1 or 2 column groups (the second = the first when NCOL == 1),
-    and the absmax of both rows (nested: the uint8 code and its block's absmax2)."""
-    if REPACK:                   # the step's 512 bytes of 16 rows, in lane order: one 16-byte load
-        gw0, gw1, hw0, hw1 = _ld4(wg + 16 * q)
-    else:
-        gw0, gw1 = _ld2(wg + q)
-        hw0, hw1 = _ld2(wh + q)
-    x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_x(xp0, xp1, q, NCOL)
-    ra_g, ra_h, s2_g, s2_h = _load_absmax(amg, amh, am2_ptr, bg, bh, q, BS_SHIFT, BS2_SHIFT,
-                                          NESTED)
     return (gw0, gw1, hw0, hw1, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2, y3, y4, y5, y6, y7,
             ra_g, ra_h, s2_g, s2_h)
 
@@ -364,19 +264,12 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
                     ws_ptr, cnt_ptr, M, N, K, KB, stride_xm, stride_ym, PER, TILES, N_SPLIT,
                     BS_SHIFT: tl.constexpr, BS2_SHIFT: tl.constexpr, NESTED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, NCOL: tl.constexpr,
-                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr,
-                    STAGES: tl.constexpr = 0, XRING: tl.constexpr = True,
-                    REPACK: tl.constexpr = False,
-                    RING_ASM: tl.constexpr = "",
-                    WAIT_ASM: tl.constexpr = "", DRAIN_ASM: tl.constexpr = ""):
+                    UNROLL: tl.constexpr, WARPS: tl.constexpr, LUT: tl.constexpr):
     """y[:M, 16 rows pid_n] over K range [pid_k*PER, +PER); grid (TILES x N_SPLIT,), program id
     = pid_n + TILES * pid_k.
 
     x_ptr / w_ptr: int32 views (x pairs, packed words); tab_ptr: 32 copies of the PRMT byte
-    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x. STAGES > 0: the
-    words and x of each step travel through a cp.async ring of STAGES slots per lane (RING_ASM
-    declares it, WAIT_ASM waits for all but STAGES - 1 groups, DRAIN_ASM for all) instead of
-    registers loaded UNROLL steps ahead."""
+    planes, or (LUT) the 256 code pairs; NCOL column groups of 8 rows of x."""
     THREADS: tl.constexpr = 32 * WARPS
     tid = _thread_ids(THREADS)
     lane = tid % 32
@@ -406,12 +299,8 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     ld_g = tl.minimum(row_g, N - 1)                 # rows past N: load row N-1, store nothing
     ld_h = tl.minimum(row_h, N - 1)
     KQ = K // 8
-    if REPACK:                                      # ``repack_tiles``: [tile, step, lane, 4]
-        wg = w_ptr + pid_n.to(tl.int64) * (16 * KQ) + 4 * lane
-        wh = wg
-    else:
-        wg = w_ptr + ld_g.to(tl.int64) * KQ + 2 * t
-        wh = w_ptr + ld_h.to(tl.int64) * KQ + 2 * t
+    wg = w_ptr + ld_g.to(tl.int64) * KQ + 2 * t
+    wh = w_ptr + ld_h.to(tl.int64) * KQ + 2 * t
     # B columns past M read row M-1: their C columns are never stored
     xp0 = x_ptr + tl.minimum(g, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
     xp1 = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * (stride_xm // 2) + 8 * t
@@ -430,82 +319,41 @@ def _mm4_mma_kernel(x_ptr, w_ptr, tab_ptr, am_ptr, am2_ptr, code2_ptr, off_ptr, 
     amg = am_ptr + bg                               # this lane's two rows of absmax
     amh = am_ptr + bh
     st = S * WARPS                                  # words between a warp's consecutive steps
-    if STAGES > 0:
-        # cp.async ring: step j of this warp (word q0 + j * st) lives in slot j % STAGES; the
-        # copies of STAGES - 1 steps are in flight while one is decoded and multiplied
-        STAGE_B: tl.constexpr = 16 + 32 * NCOL if XRING else 16
-        SLOT: tl.constexpr = THREADS * STAGE_B
-        lane_ring = _asm_u32(tid, RING_ASM) + tid * STAGE_B
-        q0 = q_lo + qw
-        last = (q_hi - q_lo) // st - 1               # this warp's last step
-        for j in tl.static_range(STAGES - 1):        # past the end: copy the last step again
-            qj = q0 + tl.minimum(j, last) * st
-            _cp_step(lane_ring + j * SLOT, wg + qj, wh + qj, xp0 + 4 * qj, xp1 + 4 * qj, NCOL,
-                     XRING)
-        # the absmax (a few bytes per step, registers) two steps ahead
-        ab0 = _load_absmax(amg, amh, am2_ptr, bg, bh, q0, BS_SHIFT, BS2_SHIFT, NESTED)
-        ab1 = _load_absmax(amg, amh, am2_ptr, bg, bh, q0 + tl.minimum(1, last) * st, BS_SHIFT,
-                           BS2_SHIFT, NESTED)
-        if not XRING:                                # x one step ahead in registers
-            xs = _load_x(xp0, xp1, q0, NCOL)
-        for i in range(0, last + 1):
-            # the slot refilled here was read (into registers) and used by the previous step
-            qn = q0 + tl.minimum(i + STAGES - 1, last) * st
-            _cp_step(lane_ring + ((i + STAGES - 1) % STAGES) * SLOT, wg + qn, wh + qn,
-                     xp0 + 4 * qn, xp1 + 4 * qn, NCOL, XRING)
-            ab2 = _load_absmax(amg, amh, am2_ptr, bg, bh, q0 + tl.minimum(i + 2, last) * st,
-                               BS_SHIFT, BS2_SHIFT, NESTED)
-            if XRING:
-                _asm_u32(tid, WAIT_ASM)              # step i has landed
-                v = _lds_step(lane_ring + (i % STAGES) * SLOT, NCOL)
-                acc = _compute_step(*v, *ab0, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL,
-                                    LUT)
-            else:
-                nxs = _load_x(xp0, xp1, q0 + tl.minimum(i + 1, last) * st, NCOL)
-                _asm_u32(tid, WAIT_ASM)
-                w4 = _lds_words(lane_ring + (i % STAGES) * SLOT)
-                acc = _compute_step(*w4, *xs, *ab0, code2_ptr, off, *dec, *acc, NESTED, IS_BF16,
-                                    NCOL, LUT)
-                xs = nxs
-            ab0 = ab1
-            ab1 = ab2
-        _asm_u32(tid, DRAIN_ASM)                     # no copy outlives the loop
-    else:
-        a = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + qw, BS_SHIFT, BS2_SHIFT,
-                       NESTED, NCOL, REPACK)
-        if UNROLL >= 2:
-            b = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + st + qw, BS_SHIFT,
-                           BS2_SHIFT, NESTED, NCOL, REPACK)
-        if UNROLL == 4:
-            c = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 2 * st + qw,
-                           BS_SHIFT, BS2_SHIFT, NESTED, NCOL, REPACK)
-            d = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 3 * st + qw,
-                           BS_SHIFT, BS2_SHIFT, NESTED, NCOL, REPACK)
-        for q in range(q_lo + st * UNROLL, q_hi, st * UNROLL):
-            na = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + qw, BS_SHIFT,
-                            BS2_SHIFT, NESTED, NCOL, REPACK)
-            acc = _compute_step(*a, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
-            a = na
-            if UNROLL >= 2:
-                nb = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + st + qw, BS_SHIFT,
-                                BS2_SHIFT, NESTED, NCOL, REPACK)
-                acc = _compute_step(*b, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
-                b = nb
-            if UNROLL == 4:
-                nc = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 2 * st + qw,
-                                BS_SHIFT, BS2_SHIFT, NESTED, NCOL, REPACK)
-                acc = _compute_step(*c, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
-                c = nc
-                nd = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 3 * st + qw,
-                                BS_SHIFT, BS2_SHIFT, NESTED, NCOL, REPACK)
-                acc = _compute_step(*d, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
-                d = nd
+    a = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + qw, BS_SHIFT, BS2_SHIFT,
+                   NESTED, NCOL)
+    if UNROLL >= 2:
+        b = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + st + qw, BS_SHIFT,
+                       BS2_SHIFT, NESTED, NCOL)
+    if UNROLL == 4:
+        c = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 2 * st + qw,
+                       BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+        d = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q_lo + 3 * st + qw,
+                       BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
+    for q in range(q_lo + st * UNROLL, q_hi, st * UNROLL):
+        na = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + qw, BS_SHIFT,
+                        BS2_SHIFT, NESTED, NCOL)
         acc = _compute_step(*a, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+        a = na
         if UNROLL >= 2:
+            nb = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + st + qw, BS_SHIFT,
+                            BS2_SHIFT, NESTED, NCOL)
             acc = _compute_step(*b, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+            b = nb
         if UNROLL == 4:
+            nc = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 2 * st + qw,
+                            BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
             acc = _compute_step(*c, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+            c = nc
+            nd = _load_step(wg, wh, xp0, xp1, amg, amh, am2_ptr, bg, bh, q + 3 * st + qw,
+                            BS_SHIFT, BS2_SHIFT, NESTED, NCOL)
             acc = _compute_step(*d, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+            d = nd
+    acc = _compute_step(*a, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+    if UNROLL >= 2:
+        acc = _compute_step(*b, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+    if UNROLL == 4:
+        acc = _compute_step(*c, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
+        acc = _compute_step(*d, code2_ptr, off, *dec, *acc, NESTED, IS_BF16, NCOL, LUT)
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
     # sum the warps' partial C (logical element = thread id: the lane's values in warp order)
     acc0 = tl.sum(tl.reshape(acc0, (WARPS, 32)), axis=0)
@@ -545,29 +393,16 @@ _MMA_STEP = STEP.value
 
 class MmaTile(NamedTuple):
     """A launch of the mma kernel: warps per program (sharing 16 rows of W), K steps in flight
-    per warp (registers), programs per SM the split-K sizing aims for, the shared-table decoder
-    (else PRMT), and ``stages`` > 0: words and x through a cp.async ring of that many steps per
-    lane instead of registers."""
+    per warp, programs per SM the split-K sizing aims for, and the shared-table decoder (else
+    PRMT)."""
     warps: int
     unroll: int
     per_sm: int
     lut: bool = False
-    stages: int = 0
-    ring_x: bool = True
-    repack: bool = False
 
     def chunk(self) -> int:
         """K codes a program consumes per loop iteration: a K split is a multiple of it."""
         return _MMA_STEP * self.warps * self.unroll
-
-    def shared_bytes(self, ncol: int) -> int:
-        """Static shared memory the tile declares with ``ncol`` column groups of x."""
-        ring = 32 * self.warps * self.stages * (16 + (32 * ncol if self.ring_x else 0))
-        return ring + (32 * 1024 if self.lut else 0)
-
-
-_STATIC_SHARED = 40 * 1024         # static shared memory a tile may declare: 48 KB less room for
-                                   # the scratch Triton allocates (dynamic, within the same 48 KB)
 
 
 # The tuner's tiles (each with its split-K sizing and unsplit, ``_mma_candidates``); the fastest
@@ -614,34 +449,6 @@ def _tab32(tab: torch.Tensor) -> torch.Tensor:
     if hit is None or hit[0]() is not tab:
         hit = (weakref.ref(tab), tab.repeat(32))
         _cache_put(_TAB32, key, hit)
-    return hit[1]
-
-
-def repack_tiles(words: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The packed weight (int32 words, row-major [N, K / 8]) reordered so that each 64-code K
-    step of each 16-row tile is 512 contiguous bytes in the order the mma kernel's lanes use
-    them: [tile, step, lane = 4 g + t, (row g: words 2t, 2t+1; row g + 8: words 2t, 2t+1)].
-    A warp then reads a step with one 16-byte load per lane, 4 whole cache lines, instead of
-    two 8-byte loads per lane from 16 rows. Rows are padded with zeros to a multiple of 16."""
-    T, KS = _cdiv(N, 16), K // _MMA_STEP
-    w = words.reshape(N, K // 8)
-    if T * 16 != N:
-        w = torch.cat([w, w.new_zeros(T * 16 - N, K // 8)])
-    # [tile, half (row g / g + 8), g, step, t, word of the pair]
-    w = w.reshape(T, 2, 8, KS, 4, 2).permute(0, 3, 2, 4, 1, 5)
-    return w.reshape(-1).contiguous()
-
-
-_REPACKED: Dict[Tuple, tuple] = {}
-
-
-def _repacked(words: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """``repack_tiles`` of ``words``, cached while ``words`` lives."""
-    key = (words.data_ptr(), N, K, str(words.device))
-    hit = _REPACKED.get(key)
-    if hit is None or hit[0]() is not words:
-        hit = (weakref.ref(words), repack_tiles(words, N, K))
-        _cache_put(_REPACKED, key, hit)
     return hit[1]
 
 
@@ -703,7 +510,7 @@ def _mma_candidates(M: int, N: int, K: int, device, split_k: Optional[int]) -> l
     ``results/logs/h200_mma_sweep_s17.log``)."""
     out = []
     for c in MMA_CONFIGS:
-        if K % c.chunk() or c.shared_bytes(1 if M <= 8 else 2) > _STATIC_SHARED:
+        if K % c.chunk():
             continue
         out.append((c, split_k))
         if split_k is None and _mma_splits(c, M, N, K, device)[0] > 1:
@@ -722,14 +529,9 @@ def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
         except TypeError:
             raise QuantError(f"matmul_4bit: mma tile {tuple(config)} is not (warps, unroll, "
                              f"programs per SM[, lut])") from None
-        if (config.unroll not in (1, 2, 4) or config.warps not in (1, 2, 4, 8)
-                or not 0 <= config.stages <= 16 or config.stages == 1):
-            raise QuantError(f"matmul_4bit: mma tile {tuple(config)}: unroll must be 1, 2 or 4, "
-                             f"warps 1, 2, 4 or 8, stages 0 (registers) or 2..16")
-        if config.shared_bytes(1 if M <= 8 else 2) > _STATIC_SHARED:
-            raise QuantError(f"matmul_4bit: mma tile {tuple(config)} at M = {M} needs "
-                             f"{config.shared_bytes(1 if M <= 8 else 2)} bytes of shared memory, "
-                             f"more than the {_STATIC_SHARED} a kernel may declare")
+        if config.unroll not in (1, 2, 4) or config.warps not in (1, 2, 4, 8):
+            raise QuantError(f"matmul_4bit: mma tile {tuple(config)}: unroll must be 1, 2 or 4 "
+                             f"and warps 1, 2, 4 or 8")
     why = _mma_unfit(x, q) if check else None
     if why is not None or M > 16:
         raise QuantError(f"matmul_4bit: the mma kernel {why or f'takes M <= 16 rows, got {M}'}")
@@ -737,26 +539,17 @@ def _mma(x, q, bias, out, M, N, K, config, split_k, check: bool = True) -> None:
     x32 = x.view(torch.int32)
     bias_t = bias.contiguous() if bias is not None else out
 
-    ncol = 1 if M <= 8 else 2
-
     def launch(cfg, split, q=q):
-        warps, unroll, _, lut, stages, ring_x, repack = MmaTile(*cfg)
-        if repack and stages:
-            raise QuantError(f"matmul_4bit: mma tile {tuple(cfg)}: the repacked layout is read "
-                             f"through registers only (stages = 0)")
+        warps, unroll, _, lut = MmaTile(*cfg)
         s, per = _mma_splits(cfg, M, N, K, x.device, split)
         tiles = _cdiv(N, 16)
-        ring = MmaTile(*cfg).shared_bytes(ncol) - (32 * 1024 if lut else 0)
         _mm4_mma_kernel[(tiles * s,)](
-            x32, _repacked(q.weight, N, K) if repack else q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
+            x32, q.weight, _pairs(table) if lut else _tab32(tab), q.absmax, q.am2, q.code2,
             q.off, bias_t, out, _workspace(s, M, N, x.device), _counters(x.device, tiles), M,
             N, K, K // q.bs, x.stride(0), out.stride(0), per, tiles, s,
             BS_SHIFT=(q.bs // 8).bit_length() - 1, BS2_SHIFT=q.bs2.bit_length() - 1,
             NESTED=q.nested, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-            NCOL=ncol, UNROLL=unroll, WARPS=warps, LUT=lut, STAGES=stages, XRING=ring_x,
-            REPACK=repack,
-            RING_ASM=ring_asm(ring) if stages else "", WAIT_ASM=wait_asm(max(stages - 1, 0)),
-            DRAIN_ASM=wait_asm(0), num_warps=warps)
+            NCOL=1 if M <= 8 else 2, UNROLL=unroll, WARPS=warps, LUT=lut, num_warps=warps)
 
     if config is None:
         key = (_m_bucket(M), N, K, q.bs, q.nested, x.dtype, bias is not None, str(x.device),
@@ -801,7 +594,5 @@ def mma_describe(pick) -> str:
     if not isinstance(pick, tuple) or len(pick) != 2:
         return str(pick)
     tile, split = MmaTile(*pick[0]), pick[1]
-    return (f"w{tile.warps} u{tile.unroll} p{tile.per_sm}{'+lut' if tile.lut else ''}"
-            f"{f' s{tile.stages}' if tile.stages else ''}"
-            f"{'w' if tile.stages and not tile.ring_x else ''}{' rp' if tile.repack else ''}"
-            f" split {split or 'auto'}")
+    return (f"w{tile.warps} u{tile.unroll} p{tile.per_sm}{'+lut' if tile.lut else ''} "
+            f"split {split or 'auto'}")
