@@ -134,24 +134,19 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
-def _store_out(out_ptr, idx, v, mask, OUT: tl.constexpr, RNE_BITS: tl.constexpr,
-               STREAM: tl.constexpr = False):
-    """Round float32 ``v`` once to the output dtype (0 f32, 1 f16, 2 bf16) and store (STREAM:
-    as a streaming store, ``st.global.cs``, likely to be touched once)."""
+def _store_out(out_ptr, idx, v, mask, OUT: tl.constexpr, RNE_BITS: tl.constexpr):
+    """Round float32 ``v`` once to the output dtype (0 f32, 1 f16, 2 bf16) and store."""
     if OUT == 0:
-        r = v
+        tl.store(out_ptr + idx, v, mask=mask)
     elif OUT == 1:
-        r = v.to(tl.float16)
-    elif RNE_BITS:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(out_ptr + idx, v.to(tl.float16), mask=mask)
     else:
-        r = v.to(tl.bfloat16)
-    if STREAM:
-        tl.store(out_ptr + idx, r, mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(out_ptr + idx, r, mask=mask)
+        if RNE_BITS:
+            u = v.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            tl.store(out_ptr + idx, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(out_ptr + idx, v.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -178,30 +173,25 @@ def _dequant4t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, 
                       out_ptr, nwords,
                       BS: tl.constexpr, BS2: tl.constexpr, WORDS: tl.constexpr,
                       NESTED: tl.constexpr, OUT: tl.constexpr, RNE_BITS: tl.constexpr,
-                      ONE_WORD: tl.constexpr, STREAM: tl.constexpr = False):
+                      ONE_WORD: tl.constexpr):
     """``tile``: WORDS int32 words -> ``[WORDS, 8]`` outputs built by broadcasting, the shape of
     a plain widening copy (nibble ``k`` of word ``i`` at bit ``SHIFTS[k] = 4 (k ^ 1)``), so the
     compiler keeps each word's 8 outputs in one thread for one 16-byte store without joins.
     ONE_WORD (``tile1``): one word per thread and load, no layout conversion before the store.
-    STREAM (``tile1s``): the words loaded evict-first and the outputs stored streaming (both are
-    touched once; the absmax and the tables stay cached).
     ``packed_ptr`` (uint8, 4-byte aligned) is read as int32 words through a pointer cast."""
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     i = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)
     if ONE_WORD:
         i = tl.max_contiguous(i, 1)
     wmask = i < nwords
-    if STREAM:
-        wd = tl.load(words_ptr + i, mask=wmask, other=0, eviction_policy="evict_first")
-    else:
-        wd = tl.load(words_ptr + i, mask=wmask, other=0)
+    wd = tl.load(words_ptr + i, mask=wmask, other=0)
     k = tl.arange(0, 8)
     nib = (wd[:, None] >> ((k ^ 1) * 4)[None, :]) & 15               # [WORDS, 8]
     am = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (i * 8) // BS,
                        wmask, NESTED, BS2)                            # [WORDS]
     vals = tl.load(code_ptr + nib) * am[:, None]
     eidx = i[:, None] * 8 + k[None, :]
-    _store_out(out_ptr, eidx, vals, wmask[:, None], OUT, RNE_BITS, STREAM)
+    _store_out(out_ptr, eidx, vals, wmask[:, None], OUT, RNE_BITS)
 
 
 @triton.jit
@@ -360,13 +350,13 @@ def _dq4_bytes(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
 
 
 def _dq4_tile(packed, absmax, code, absmax2, code2, offset, out, n, nblocks,
-              ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, STREAM=False, **kw):
+              ELEMS, BS, BS2, NESTED, OUT, RNE_BITS, ONE_WORD, **kw):
     nwords = n // 8                                              # eligible: n % 8 == 0
     words = ELEMS // 8
     launch(_dequant4t_kernel, (_cdiv(nwords, words),),
            packed, absmax, code, absmax2, code2, offset, out, nwords,
            BS=BS, BS2=BS2, WORDS=words, NESTED=NESTED, OUT=OUT, RNE_BITS=RNE_BITS,
-           ONE_WORD=ONE_WORD, STREAM=STREAM, enable_fp_fusion=False, **kw)
+           ONE_WORD=ONE_WORD, enable_fp_fusion=False, **kw)
 
 
 def _q4_launch(x, packed, absmax, tables, n, nblocks, ELEMS, BS, PACK, **kw):
@@ -392,7 +382,6 @@ def _candidates(variants) -> List[Candidate]:
 
 
 _dequant4 = Tuned("dequant", _candidates([("tile1", _dq4_tile, dict(ONE_WORD=True)),
-                                           ("tile1s", _dq4_tile, dict(ONE_WORD=True, STREAM=True)),
                                            ("tile", _dq4_tile, dict(ONE_WORD=False)),
                                            ("bytes", _dq4_bytes, {})]))
 _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1)),
@@ -400,7 +389,7 @@ _quant4 = Tuned("quant", _candidates([("words", _q4_launch, dict(PACK=1)),
                                        ("bytes", _q4_launch, dict(PACK=0))]))
 _TUNERS = {"dequant": _dequant4, "quant": _quant4}
 # eligibility by alignment; each op only ever picks among its own candidates (``_VARIANTS``)
-_ALL = ("words", "words1", "bytes", "tile", "tile1", "tile1s")
+_ALL = ("words", "words1", "bytes", "tile", "tile1")
 _BYTES = ("bytes",)  # any n
 _VARIANTS = {op: tuple(dict.fromkeys(c.variant for c in t.candidates)) for op, t in _TUNERS.items()}
 

@@ -225,7 +225,7 @@ def test_bench_quant_smoke(tmp_path):
     ops = {(r["shape"], r["op"], r["impl"]) for r in rows}
     assert ("64x128", "dequant", "peftlab") in ops and ("33x130", "quant", "peftlab") in ops
     assert all(float(r["ms"]) > 0 and r["gpu"] and r["v_torch"] for r in rows)
-    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "tile", "tile1", "tile1s")
+    assert all(r["config"].split()[0] in ("bytes", "words", "words1", "tile", "tile1")
                for r in rows if r["impl"] == "peftlab")
     with open(tmp_path / f"bench_quant_check{suffix}.csv") as f:
         checks = list(csv.DictReader(f))
@@ -234,7 +234,7 @@ def test_bench_quant_smoke(tmp_path):
 
 
 QUANT_VARIANTS = ["bytes", "words", "words1"]
-DEQUANT_VARIANTS = ["bytes", "tile", "tile1", "tile1s"]
+DEQUANT_VARIANTS = ["bytes", "tile", "tile1"]
 VARIANT_CASES = [  # (quant_type, double_quant, dtype, shape, blocksize): n % 8 == 0 -> words
     ("nf4", True, torch.bfloat16, (3, 1000), 64),       # ragged last block (3000 % 64 = 56)
     ("fp4", False, torch.float32, (40, 32), 32),
@@ -383,7 +383,7 @@ def test_nf4_count_guess_is_exact_near_every_bound_and_on_random_floats():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["tile", "tile1", "tile1s"])
+@pytest.mark.parametrize("variant", ["tile", "tile1"])
 def test_word_dequant_falls_back_on_misaligned_packed(device, variant):
     w = make_weight((4, 256), torch.float32, device, 64, seed=5)
     q, s = quantize_4bit_reference(w, 64, "nf4", True)
