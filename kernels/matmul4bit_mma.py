@@ -50,10 +50,13 @@ occupancy and a fill per program), so it is a pinnable option only.
 
 Measured (H200, ``results/h200_kernels.md``): 1.40-1.59x bf16 ``F.linear`` at M = 1 and
 1.06-1.29x at M = 16 on Llama shapes (the ``tl.dot`` kernel: 0.8-0.95x); Nsight Compute shows
-neither DRAM (28 % of peak) nor the ALU saturated, with 3.6 warps per scheduler: latency-bound.
+neither DRAM (28 % of peak) nor the ALU saturated, with 3.6 warps per scheduler.
 With decode and MMA cut out (``experiments/mma_ablate.py``) the weight loads alone reach only
 2.6-2.9 TB/s on 28672x8192; staging the weight tile through shared memory with whole-line loads
-did not lift that (session 17: the limit looks like bytes in flight per register).
+did not lift that. Nor did loads that hold no registers (session 18: a per-lane ``cp.async``
+ring of 2-16 steps was slower, the deeper the slower) or whole-line 16-byte loads from a
+repacked weight layout (0-8 % where its timing was clean); the code of both is in git history
+(commit 8f68793), the numbers in ``results/h200_kernels.md``.
 
 Needs CUDA, x bf16/fp16 with 16-byte aligned rows, K % 64 == 0, blocksize % 64 == 0 (a K step
 inside one block) and a power-of-two nested blocksize; ``matmul4bit.py`` falls back to the
