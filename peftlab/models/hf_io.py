@@ -17,7 +17,6 @@ truncated shard) is a `CheckpointError`/`ConfigError` naming the file and the te
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple

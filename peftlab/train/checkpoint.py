@@ -15,7 +15,6 @@ step; since batches are a pure function of the step (see batches.py), the losses
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
