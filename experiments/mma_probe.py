@@ -12,7 +12,11 @@
    and 16 on the five shapes, rotated inputs, next to the tuner's pick (session 17's sweeps:
    ``results/logs/h200_mma_sweep_s17*.log``).
 
+4. ``--extra W,U,P[,LUT] ...``: tiles added to MMA_CONFIGS for the run (checked, swept and
+   offered to the tuner): session 18 timed its cp.async and repacked variants this way.
+
     python experiments/mma_probe.py [--no-check] [--no-speed] [--sweep [--splits 0 1 2 ...]]
+                                    [--extra 8,1,2 ...]
 """
 from __future__ import annotations
 
@@ -35,6 +39,11 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192
 def _raw(state):
     return dict(absmax2=state.absmax2, code2=state.code2, offset=state.offset,
                 blocksize2=state.blocksize2 or 256)
+
+
+def tile_name(mk, tile) -> str:
+    """A tile of MMA_CONFIGS as text, without a split: ``w4 u2 p4``."""
+    return mk.mma_describe((tile, None)).rsplit(" split", 1)[0]
 
 
 def rotated_weights(quantize, N: int, K: int):
@@ -151,8 +160,7 @@ def sweep(mm, mk, quantize, deq_ref, splits=(1, 2, 3, 4, 6, 8, 12)) -> None:
                     err = float((y - ref).norm() / ref.norm())
                     t, _ = timed(f, True, R)
                     row.append(f"{t * 1e3:6.1f}" + ("" if err < 1e-2 else f"!ERR {err:.1e}"))
-                print(f"    {mk.mma_describe((tile, None)).rsplit(' split', 1)[0]:<14} "
-                      + " ".join(row), flush=True)
+                print(f"    {tile_name(mk, tile):<14} " + " ".join(row), flush=True)
         reps = xs = None
         torch.cuda.empty_cache()
 
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
     for spec in args.extra:
         mk.MMA_CONFIGS.append(mk.MmaTile(*(int(v) for v in spec.split(","))))
     print(f"gpu {torch.cuda.get_device_name()}  torch {torch.__version__}  tiles "
-          + " ".join(mk.mma_describe((c, None)).rsplit(" split", 1)[0] for c in mk.MMA_CONFIGS))
+          + " ".join(tile_name(mk, c) for c in mk.MMA_CONFIGS))
     fails = 0 if args.no_check else check(mm, mk, quantize_4bit, dequantize_4bit_reference)
     print(f"correctness: {fails} failing case(s)")
     if args.sweep:
